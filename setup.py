@@ -1,0 +1,29 @@
+"""simclr_tf: SimCLR (v1 and v2) in TensorFlow 2 and Keras 3."""
+
+import re
+
+import setuptools
+
+with open("simclr_tf/__init__.py") as init:
+    VERSION = re.search(r'__version__ = "([^"]+)"', init.read()).group(1)
+
+setuptools.setup(
+    name="simclr_tf",
+    version=VERSION,
+    description="SimCLR v1/v2 for TensorFlow 2 and Keras 3: exact to the "
+    "paper, any replica count, SavedModel export.",
+    packages=setuptools.find_packages(include=["simclr_tf", "simclr_tf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.15,<4",
+        "tensorflow-datasets>=4.9.10",
+        # tfds 4.9.10 imports importlib_resources without depending on it.
+        "importlib_resources",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "tensorboard>=2.21,<2.22",
+    ],
+    extras_require={"test": ["pytest>=8", "ruff"]},
+    entry_points={"console_scripts": ["simclr_tf=simclr_tf.cli:run_main"]},
+)

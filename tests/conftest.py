@@ -1,0 +1,38 @@
+"""Shared pytest set-up: virtual CPU devices, quiet TensorFlow, fixed seeds.
+
+The CPU is split into four logical devices before TensorFlow initialises, so
+any test can build a MirroredStrategy over 2 or 4 replicas; code that does not
+ask for a strategy runs on the first device as usual.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+NUM_VIRTUAL_CPUS = 4
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_VIRTUAL_CPUS
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    """Each test starts with float32, a cleared Keras session and seed 0."""
+    keras.mixed_precision.set_global_policy("float32")
+    keras.utils.clear_session()
+    keras.utils.set_random_seed(0)
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def virtual_devices(count: int) -> list[str]:
+    """Names of the first `count` logical CPU devices."""
+    return [f"/cpu:{index}" for index in range(count)]
