@@ -1,0 +1,205 @@
+"""SimCLR losses: NT-Xent across replicas, supervised cross-entropy, L2 decay.
+
+Pure tensor functions with plain arguments; scaling the loss for the number of
+replicas is the train step's job, not this module's. Optimizers and
+schedules live in optim.py.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+# Subtracted from each anchor's self-similarity logit: exp(-1e9) underflows to
+# exactly 0 in float32 while the logit stays finite (GR uses the same value).
+_SELF_MASK = 1e9
+
+
+def nt_xent(
+    z1: tf.Tensor,
+    z2: tf.Tensor,
+    temperature: float,
+    *,
+    normalize: bool = True,
+    replica_context: tf.distribute.ReplicaContext | None = None,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Normalised temperature-scaled cross-entropy (SimCLR eq. 1, Alg. 1).
+
+    Each of the 2n local rows [z1; z2] is an anchor scored against all 2N
+    columns of the global batch, laid out as [view-1 rows of the global
+    batch (N); view-2 rows (N)]. The positive is the other view of the same
+    image, its own column is masked, and the other 2N-2 are negatives.
+
+    With a replica context, z1 and z2 are all-gathered along axis 0; the
+    gather's gradient is the slice of the summed upstream gradient, so each
+    replica's gradient reaches the owner of every column. The local row i
+    has global index replica_id_in_sync_group * n + i, so every replica must
+    hold the same n (batch the distributed dataset with drop_remainder).
+
+    Convention: the loss is the mean over this replica's 2n anchors, as in
+    the paper (about ln(2N-1) at initialisation). google-research/simclr
+    returns reduce_mean(loss_a + loss_b), which is 2x this value. Averaging
+    the per-replica losses (sum divided by the replica count, done by the
+    train step) gives the single-device loss on the global batch.
+
+    Args:
+        z1: [n, d] float projections of view 1 on this replica (any float
+            dtype, e.g. bfloat16; computed in float32).
+        z2: [n, d] float projections of view 2, row i pairs with z1 row i.
+        temperature: softmax temperature tau > 0 (0.1 ImageNet, 0.5 CIFAR).
+        normalize: L2-normalise rows first (cosine similarity, GR's
+            hidden_norm); if False, raw dot products are used.
+        replica_context: the tf.distribute ReplicaContext to gather the
+            global batch across; None for a single device (n = N).
+
+    Returns:
+        loss: float32 scalar, mean cross-entropy over the 2n local anchors.
+        logits: [2n, 2N] float32 similarity / temperature, self column
+            lowered by 1e9.
+        labels: [2n] int32 column of each anchor's positive.
+
+    Raises:
+        ValueError: if temperature is not positive.
+    """
+    if not temperature > 0:
+        raise ValueError(
+            f"temperature={temperature!r} must be > 0; use e.g. 0.1 "
+            "(ImageNet) or 0.5 (CIFAR)."
+        )
+    z1 = tf.cast(z1, tf.float32)
+    z2 = tf.cast(z2, tf.float32)
+    if normalize:
+        z1 = tf.math.l2_normalize(z1, axis=-1)
+        z2 = tf.math.l2_normalize(z2, axis=-1)
+    local_batch = tf.shape(z1)[0]
+    if replica_context is None:
+        z1_global, z2_global = z1, z2
+        offset = tf.constant(0, tf.int32)
+    else:
+        z1_global = replica_context.all_gather(z1, axis=0)  # [N, d]
+        z2_global = replica_context.all_gather(z2, axis=0)  # [N, d]
+        replica_id = replica_context.replica_id_in_sync_group
+        offset = tf.cast(replica_id, tf.int32) * local_batch
+    global_batch = tf.shape(z1_global)[0]
+
+    rows = tf.concat([z1, z2], axis=0)  # [2n, d]
+    columns = tf.concat([z1_global, z2_global], axis=0)  # [2N, d]
+    logits = tf.matmul(rows, columns, transpose_b=True) / temperature
+    global_index = offset + tf.range(local_batch, dtype=tf.int32)  # [n]
+    self_columns = tf.concat([global_index, global_index + global_batch], 0)
+    labels = tf.concat([global_index + global_batch, global_index], 0)
+    self_mask = tf.one_hot(self_columns, 2 * global_batch)  # [2n, 2N]
+    logits = logits - _SELF_MASK * self_mask  # [2n, 2N]
+
+    per_anchor = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=labels, logits=logits
+    )
+    return tf.reduce_mean(per_anchor), logits, labels
+
+
+def contrast_metrics(
+    logits: tf.Tensor, labels: tf.Tensor
+) -> dict[str, tf.Tensor]:
+    """Top-1 accuracy and entropy of the contrastive prediction, as in GR.
+
+    Each anchor is scored only against the N cross-view columns (view-1
+    anchors against view-2 columns and vice versa), which is where its
+    positive lies. GR reports these over the n view-1 anchors only; here all
+    2n anchors count, which has the same expectation.
+
+    Args:
+        logits: [2n, 2N] float logits from nt_xent.
+        labels: [2n] int positive columns from nt_xent.
+
+    Returns:
+        {"contrast_acc": float32 scalar in [0, 1], fraction of anchors whose
+        positive has the largest cross-view logit; "contrast_entropy":
+        float32 scalar in [0, ln N], mean entropy (nats) of the softmax over
+        the N cross-view logits}.
+    """
+    logits = tf.cast(logits, tf.float32)
+    local_batch = tf.shape(logits)[0] // 2
+    global_batch = tf.shape(logits)[1] // 2
+    cross_view = tf.concat(
+        [
+            logits[:local_batch, global_batch:],
+            logits[local_batch:, :global_batch],
+        ],
+        axis=0,
+    )  # [2n, N]
+    cross_labels = tf.math.floormod(tf.cast(labels, tf.int32), global_batch)
+    predicted = tf.argmax(cross_view, axis=-1, output_type=tf.int32)
+    accuracy = tf.reduce_mean(
+        tf.cast(tf.equal(predicted, cross_labels), tf.float32)
+    )
+    log_probabilities = tf.nn.log_softmax(cross_view, axis=-1)
+    entropy = -tf.reduce_sum(
+        tf.exp(log_probabilities) * log_probabilities, axis=-1
+    )
+    return {
+        "contrast_acc": accuracy,
+        "contrast_entropy": tf.reduce_mean(entropy),
+    }
+
+
+def supervised_loss(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Mean sparse softmax cross-entropy of the supervised head.
+
+    Args:
+        labels: [b] int class indices in [0, num_classes).
+        logits: [b, num_classes] float logits (any float dtype).
+
+    Returns:
+        float32 scalar, mean over the b examples.
+    """
+    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)
+    )
+    return tf.reduce_mean(per_example)
+
+
+def l2_weight_decay(
+    variables: Sequence[tf.Variable],
+    weight_decay: float,
+    exclude_patterns: Sequence[str] = (),
+) -> tf.Tensor:
+    """Weight decay as a loss term: wd * sum of 0.5 * ||w||^2.
+
+    Used with the momentum and Adam optimizers (all decayed variables) and
+    with LARS for the supervised head, which LARS itself does not decay.
+
+    Args:
+        variables: Keras or tf variables; matched on `.path` (Keras 3, e.g.
+            "resnet/batch_normalization/gamma") or else `.name`.
+        weight_decay: decay coefficient wd >= 0, e.g. 1e-6.
+        exclude_patterns: regular expressions; a variable whose path any of
+            them matches (re.search) is not decayed.
+
+    Returns:
+        float32 scalar (0.0 if no variable is decayed).
+
+    Raises:
+        ValueError: if weight_decay is negative.
+    """
+    if weight_decay < 0:
+        raise ValueError(
+            f"weight_decay={weight_decay!r} must be >= 0; use 0.0 to disable."
+        )
+    patterns = [re.compile(pattern) for pattern in exclude_patterns]
+    squared_norms = [
+        tf.nn.l2_loss(tf.cast(variable, tf.float32))
+        for variable in variables
+        if not any(
+            pattern.search(_variable_path(variable)) for pattern in patterns
+        )
+    ]
+    if not squared_norms:
+        return tf.constant(0.0, tf.float32)
+    return weight_decay * tf.add_n(squared_norms)
+
+
+def _variable_path(variable: tf.Variable) -> str:
+    """The Keras 3 path of a variable, or its tf name for plain tf.Variable."""
+    return getattr(variable, "path", None) or variable.name
