@@ -1,0 +1,234 @@
+"""SavedModel export of a trained model, and a thin loader for our own tests.
+
+Writes `<model_dir>/saved_model/<step>/` with two signatures that run the
+model in inference mode (BN moving statistics, deterministic) and return its
+named outputs. The export loads without simclr_tf. Training and checkpoints
+live elsewhere (train.py); this module only writes and prunes exports.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+
+import keras
+import tensorflow as tf
+
+EXPORT_SUBDIR = "saved_model"
+FLOAT_ENDPOINT = "serving_default"
+UINT8_ENDPOINT = "serving_uint8"
+_TEMP_PREFIX = "_tmp_export_"
+
+
+def export_saved_model(
+    model: keras.Model,
+    model_dir: str,
+    step: int,
+    *,
+    image_shape: tuple[int, int, int],
+    keep_max: int = 1,
+) -> str:
+    """Exports `model` as a SavedModel to `<model_dir>/saved_model/<step>/`.
+
+    The export is written to a temporary sibling directory and renamed into
+    place, so a crash never leaves a half-written export under a step name;
+    an existing export of the same step is replaced. Then only the newest
+    `keep_max` exports are kept (GR's `keep_hub_module_max`), always
+    including the one just written.
+
+    Signatures (both also callable as attributes of the loaded object):
+      * `serving_default(images)`: images [B, H, W, C] float32 in [0, 1].
+      * `serving_uint8(images)`: images [B, H, W, C] uint8 in [0, 255];
+        returns exactly what `serving_default(images / 255)` returns.
+    Both return `model(images, training=False)`: a dict of named outputs
+    (e.g. final_avg_pool, proj_head_output, logits_sup), floating outputs
+    cast to float32 so consumers see one dtype under mixed precision.
+
+    Args:
+      model: a Keras model whose call(images, training=False) returns a dict
+        of tensors.
+      model_dir: the run directory; created if missing, but its parent must
+        exist.
+      step: global step (>= 0), the export's directory name.
+      image_shape: (H, W, C) of one training image; C fixes the signatures'
+        channel count, and an unbuilt model is built on this shape. H and W
+        stay free in the signatures.
+      keep_max: how many exports to keep; 0 keeps all (as in GR).
+
+    Returns:
+      The path of the export directory.
+
+    Raises:
+      ValueError: bad `step`, `keep_max` or `image_shape`.
+      TypeError: the model does not return a dict of tensors.
+      FileNotFoundError: the parent of `model_dir` does not exist.
+      PermissionError: the export directory cannot be written.
+    """
+    _check_arguments(step, image_shape, keep_max)
+    export_root = _make_export_root(model_dir)
+    _build_if_needed(model, image_shape)
+    archive = _make_archive(model, channels=image_shape[-1])
+    final_path = os.path.join(export_root, str(step))
+    temp_path = os.path.join(export_root, f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
+    try:
+        archive.write_out(temp_path, verbose=False)
+        _replace_directory(temp_path, final_path)
+    finally:
+        if tf.io.gfile.exists(temp_path):
+            tf.io.gfile.rmtree(temp_path)
+    _prune_exports(export_root, keep_max, keep_step=step)
+    return final_path
+
+
+def load_saved_model(path: str) -> object:
+    """Loads an export written by `export_saved_model`.
+
+    Args:
+      path: an export directory, `<model_dir>/saved_model/<step>`.
+
+    Returns:
+      The object from `tf.saved_model.load`, with `.signatures` and the
+      `serving_default` / `serving_uint8` functions.
+
+    Raises:
+      FileNotFoundError: `path` holds no saved_model.pb.
+    """
+    if not tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+        raise FileNotFoundError(
+            f"path={path!r} holds no saved_model.pb; pass a directory "
+            f"written by export_saved_model, e.g. <model_dir>/"
+            f"{EXPORT_SUBDIR}/<step>."
+        )
+    return tf.saved_model.load(path)
+
+
+def list_exported_steps(export_root: str) -> list[int]:
+    """Steps of the complete exports under `export_root`, ascending.
+
+    Args:
+      export_root: the `<model_dir>/saved_model` directory.
+
+    Returns:
+      Sorted steps; temporary (unfinished) directories are not listed.
+    """
+    if not tf.io.gfile.isdir(export_root):
+        return []
+    names = [name.rstrip("/") for name in tf.io.gfile.listdir(export_root)]
+    return sorted(int(name) for name in names if name.isdigit())
+
+
+def _check_arguments(
+    step: int, image_shape: tuple[int, int, int], keep_max: int
+) -> None:
+    """Raises ValueError for arguments that cannot give a valid export."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(
+            f"step={step!r} must be an int >= 0 (the export's directory "
+            "name); pass the optimizer's iteration count."
+        )
+    if (
+        len(image_shape) != 3
+        or not all(isinstance(size, int) for size in image_shape)
+        or min(image_shape) < 1
+    ):
+        raise ValueError(
+            f"image_shape={image_shape!r} must be (height, width, channels) "
+            "of positive ints, e.g. (32, 32, 3)."
+        )
+    if isinstance(keep_max, bool) or not isinstance(keep_max, int):
+        raise ValueError(f"keep_max={keep_max!r} must be an int >= 0.")
+    if keep_max < 0:
+        raise ValueError(
+            f"keep_max={keep_max} must be >= 0; use 0 to keep every export."
+        )
+
+
+def _make_export_root(model_dir: str) -> str:
+    """Creates `<model_dir>/saved_model` and returns it; checks the parent."""
+    model_dir = os.fspath(model_dir)
+    parent = os.path.dirname(os.path.normpath(model_dir))
+    if parent and not tf.io.gfile.isdir(parent):
+        raise FileNotFoundError(
+            f"model_dir={model_dir!r}: its parent directory {parent!r} does "
+            "not exist; create it first or fix the path."
+        )
+    export_root = os.path.join(model_dir, EXPORT_SUBDIR)
+    try:
+        tf.io.gfile.makedirs(export_root)
+    except (tf.errors.OpError, OSError) as error:
+        raise PermissionError(
+            f"model_dir={model_dir!r}: cannot create {export_root!r} "
+            f"({error}); choose a writable directory."
+        ) from error
+    if not tf.io.gfile.isdir(export_root):
+        raise PermissionError(
+            f"model_dir={model_dir!r}: {export_root!r} is not a directory; "
+            "remove it or choose another model_dir."
+        )
+    return export_root
+
+
+def _build_if_needed(model: keras.Model, image_shape: tuple) -> None:
+    """Creates an unbuilt model's variables, without touching BN statistics."""
+    if not model.built:
+        model(tf.zeros((1, *image_shape), tf.float32), training=False)
+
+
+def _serving_outputs(model: keras.Model, images: tf.Tensor) -> dict:
+    """Runs the model in inference mode; floating outputs become float32."""
+    outputs = model(images, training=False)
+    if not isinstance(outputs, Mapping):
+        raise TypeError(
+            f"model returned {type(outputs).__name__}; export needs a model "
+            "whose call returns a dict of named tensors "
+            "(e.g. {'proj_head_output': ...})."
+        )
+    return {
+        name: tf.cast(value, tf.float32) if value.dtype.is_floating else value
+        for name, value in outputs.items()
+    }
+
+
+def _make_archive(
+    model: keras.Model, channels: int
+) -> keras.export.ExportArchive:
+    """An ExportArchive tracking `model`, with the float and uint8 endpoints."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def serve_float(images: tf.Tensor) -> dict:
+        return _serving_outputs(model, images)
+
+    def serve_uint8(images: tf.Tensor) -> dict:
+        return _serving_outputs(model, tf.cast(images, tf.float32) / 255.0)
+
+    for name, function, dtype in (
+        (FLOAT_ENDPOINT, serve_float, tf.float32),
+        (UINT8_ENDPOINT, serve_uint8, tf.uint8),
+    ):
+        spec = tf.TensorSpec([None, None, None, channels], dtype, "images")
+        archive.add_endpoint(name, function, input_signature=[spec])
+    return archive
+
+
+def _replace_directory(source: str, destination: str) -> None:
+    """Renames `source` to `destination`, replacing an existing directory."""
+    if not tf.io.gfile.exists(destination):
+        tf.io.gfile.rename(source, destination)
+        return
+    # Move the old export aside first, so the step name is never half-written.
+    stale = f"{os.path.dirname(destination)}/{_TEMP_PREFIX}{uuid.uuid4().hex}"
+    tf.io.gfile.rename(destination, stale)
+    tf.io.gfile.rename(source, destination)
+    tf.io.gfile.rmtree(stale)
+
+
+def _prune_exports(export_root: str, keep_max: int, keep_step: int) -> None:
+    """Deletes all but the newest `keep_max` exports, keeping `keep_step`."""
+    if keep_max == 0:
+        return
+    others = list_exported_steps(export_root)
+    others.remove(keep_step)
+    for step in others[: max(0, len(others) - (keep_max - 1))]:
+        tf.io.gfile.rmtree(os.path.join(export_root, str(step)))
