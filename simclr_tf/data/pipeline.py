@@ -1,0 +1,242 @@
+"""tf.data pipelines from a Source: two-view pretraining, fine-tune, eval.
+
+The training functions return an `input_fn(input_context)` for
+`strategy.distribute_datasets_from_function`; each host reads its own shard
+and batches per replica. Augmentations themselves live in augment.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tensorflow as tf
+
+from simclr_tf.data import augment, sources
+
+InputFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
+AUTOTUNE = tf.data.AUTOTUNE
+# Salts that keep the shuffle and augmentation seed streams apart.
+_SHUFFLE_SALT, _AUGMENT_SALT = 1, 2
+
+
+def _derived_seed(seed: int, salt: int, pipeline_id: int) -> int:
+    """A seed in [0, 2^31) distinct per (seed, purpose, host)."""
+    return (seed * 1_000_003 + salt * 7919 + pipeline_id * 104_729) % 2**31
+
+
+def shuffle_buffer_size(
+    per_replica_batch_size: int, image_size: int, num_examples: int
+) -> int:
+    """GR's shuffle buffer: per-replica batch x 50 at <= 32 px, else x 10.
+
+    Capped at `num_examples` (a bigger buffer only costs memory).
+    """
+    multiplier = 50 if image_size <= 32 else 10
+    return max(1, min(per_replica_batch_size * multiplier, num_examples))
+
+
+def _element_seeds(seed: int | None, host: int) -> tf.data.Dataset:
+    """An endless stream of int32 [2] stateless seeds, one per element.
+
+    Seeded: [derived seed, element index], independent of TF's global seed.
+    Unseeded: random values from `Dataset.random`, different every run.
+    """
+    if seed is None:
+        # One random int64 per element, viewed as two int32.
+        return tf.data.Dataset.random().map(
+            lambda value: tf.bitcast(value, tf.int32)
+        )
+    base = tf.constant(_derived_seed(seed, _AUGMENT_SALT, host), tf.int64)
+    # The index wraps modulo 2^32 in the cast: 4e9 distinct seeds per host.
+    return tf.data.Dataset.counter().map(
+        lambda index: tf.cast(tf.stack([base, index]), tf.int32)
+    )
+
+
+def _training_examples(
+    source: sources.Source,
+    input_context: tf.distribute.InputContext,
+    per_replica_batch_size: int,
+    image_size: int,
+    seed: int | None,
+    cache: bool,
+) -> tf.data.Dataset:
+    """This host's (image, label, seed) stream: shuffled, repeated forever.
+
+    The third component is an int32 [2] stateless seed per element. Seeded,
+    the stream repeats exactly for the same TF global seed: tf.data's
+    shuffle combines its op seed with the global one, as every TF random op
+    does (train.py sets both from --seed); the augmentation seeds do not
+    depend on the global seed.
+    """
+    hosts = input_context.num_input_pipelines
+    if source.num_examples < hosts:
+        raise ValueError(
+            f"{source.name} {source.split} has {source.num_examples} "
+            f"examples, fewer than the {hosts} input pipelines (hosts); use "
+            f"a larger split or fewer hosts."
+        )
+    host = input_context.input_pipeline_id
+    data = source.dataset(input_context, shuffle_files=True)
+    if cache:
+        data = data.cache()  # uint8 images, before any augmentation
+    per_host = -(-source.num_examples // hosts)
+    data = data.shuffle(
+        shuffle_buffer_size(per_replica_batch_size, image_size, per_host),
+        seed=None if seed is None else _derived_seed(seed, _SHUFFLE_SALT, host),
+        reshuffle_each_iteration=True,
+    ).repeat()
+    data = tf.data.Dataset.zip(data, _element_seeds(seed, host))
+    return data.map(lambda pair, seed_: (*pair, seed_))
+
+
+def _finish(
+    data: tf.data.Dataset, batch_size: int, seed: int | None
+) -> tf.data.Dataset:
+    data = data.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+    options = tf.data.Options()
+    # Seeded runs must repeat exactly; unseeded ones may reorder for speed.
+    options.deterministic = seed is not None
+    return data.with_options(options)
+
+
+def pretrain_input_fn(
+    source: sources.Source,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    color_jitter_strength: float,
+    blur: bool,
+    brightness_impl: str = "v2",
+    seed: int | None = None,
+    cache: bool = False,
+) -> InputFn:
+    """Two independently augmented views per image (paper Sec. 2.1).
+
+    Per host: shard -> cache (optional) -> shuffle (GR's buffer, see
+    `shuffle_buffer_size`) -> repeat -> two `augment.simclr_augment` views,
+    each with its own stateless seed -> batch (drop_remainder) -> prefetch.
+
+    Args:
+      source: the training split.
+      global_batch_size: N, images per step over all replicas; each replica
+        gets N / replicas (the input context checks divisibility).
+      image_size: S, side of the augmented views in pixels.
+      color_jitter_strength: s in [0, 1.25] (1.0 ImageNet, 0.5 CIFAR).
+      blur: apply the random Gaussian blur.
+      brightness_impl: "v2" multiplicative (GR default) or "v1" additive.
+      seed: with an int the pipeline is deterministic (shuffle order and
+        every augmentation) given the same TF global seed, which tf.data's
+        shuffle mixes in; None is non-deterministic and faster.
+      cache: cache the decoded uint8 images in memory after the first pass.
+
+    Returns:
+      input_fn(input_context) -> infinite dataset of dicts: "view1", "view2"
+      [b, S, S, C] float32 in [0, 1] and "label" [b] int64, with
+      b = the per-replica batch size.
+    """
+
+    def two_views(image: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor):
+        seed1, seed2 = tf.unstack(
+            tf.random.experimental.stateless_split(seed_, 2)
+        )
+        views = [
+            augment.simclr_augment(
+                image,
+                image_size,
+                color_jitter_strength=color_jitter_strength,
+                blur=blur,
+                brightness_impl=brightness_impl,
+                seed=view_seed,
+            )
+            for view_seed in (seed1, seed2)
+        ]
+        return {"view1": views[0], "view2": views[1], "label": label}
+
+    def input_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+        batch = input_context.get_per_replica_batch_size(global_batch_size)
+        data = _training_examples(
+            source, input_context, batch, image_size, seed, cache
+        )
+        data = data.map(two_views, num_parallel_calls=AUTOTUNE)
+        return _finish(data, batch, seed)
+
+    return input_fn
+
+
+def finetune_input_fn(
+    source: sources.Source,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    seed: int | None = None,
+    cache: bool = False,
+) -> InputFn:
+    """One crop + flip view per image, for fine-tuning and linear eval.
+
+    The same pipeline as `pretrain_input_fn` with
+    `augment.simclr_augment(..., color_distort=False, blur=False)` (paper
+    App. B.6: no colour distortion or blur outside pretraining).
+
+    Args:
+      source: the training split.
+      global_batch_size: N, images per step over all replicas.
+      image_size: S, output side in pixels.
+      seed: with an int the pipeline is deterministic; None is not.
+      cache: cache the decoded uint8 images in memory.
+
+    Returns:
+      input_fn(input_context) -> infinite dataset of dicts: "image"
+      [b, S, S, C] float32 in [0, 1] and "label" [b] int64.
+    """
+
+    def one_view(image: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor):
+        view = augment.simclr_augment(
+            image,
+            image_size,
+            color_jitter_strength=0.0,  # unused without colour distortion
+            blur=False,
+            seed=seed_,
+            color_distort=False,
+        )
+        return {"image": view, "label": label}
+
+    def input_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+        batch = input_context.get_per_replica_batch_size(global_batch_size)
+        data = _training_examples(
+            source, input_context, batch, image_size, seed, cache
+        )
+        data = data.map(one_view, num_parallel_calls=AUTOTUNE)
+        return _finish(data, batch, seed)
+
+    return input_fn
+
+
+def eval_dataset(
+    source: sources.Source,
+    *,
+    batch_size: int,
+    image_size: int,
+    input_context: tf.distribute.InputContext | None = None,
+) -> tf.data.Dataset:
+    """One ordered pass over the split with `augment.preprocess_for_eval`.
+
+    Args:
+      source: the split to evaluate on.
+      batch_size: images per batch; the last batch may be smaller, so every
+        example is seen exactly once.
+      image_size: S, output side in pixels.
+      input_context: with it, only this host's shard.
+
+    Returns:
+      A finite dataset of dicts: "image" [b, S, S, C] float32 in [0, 1] and
+      "label" [b] int64, b <= batch_size.
+    """
+
+    def preprocess(image: tf.Tensor, label: tf.Tensor) -> dict:
+        image = augment.preprocess_for_eval(image, image_size)
+        return {"image": image, "label": label}
+
+    data = source.dataset(input_context)
+    data = data.map(preprocess, num_parallel_calls=AUTOTUNE)
+    return data.batch(batch_size).prefetch(AUTOTUNE)

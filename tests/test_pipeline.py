@@ -1,0 +1,209 @@
+"""Tests for simclr_tf.data.pipeline: two-view, fine-tune and eval datasets.
+
+Sources are tiny in-memory arrays so every pipeline runs in about a second;
+the tfds path runs under tfds.testing.mock_data only (never the network).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from simclr_tf.data import pipeline, sources
+
+SIZE = 16
+
+
+def tiny_source(num_examples: int = 10) -> sources.Source:
+    return sources.synthetic(
+        num_examples=num_examples, image_size=SIZE, channels=3, seed=0
+    )
+
+
+def constant_source(value: int, num_examples: int = 4) -> sources.Source:
+    """Images of one flat colour: only a colour change can alter a pixel."""
+    images = np.full((num_examples, SIZE, SIZE, 3), value, np.uint8)
+    labels = np.arange(num_examples) % 2
+    return sources.from_arrays("constant", "train", images, labels, 2)
+
+
+def pretrain_batches(
+    source, count, *, global_batch_size=5, seed=0, context=None, **kwargs
+):
+    kwargs = {"color_jitter_strength": 0.5, "blur": False, **kwargs}
+    input_fn = pipeline.pretrain_input_fn(
+        source,
+        global_batch_size=global_batch_size,
+        image_size=SIZE,
+        seed=seed,
+        **kwargs,
+    )
+    data = input_fn(context or tf.distribute.InputContext())
+    return list(data.take(count).as_numpy_iterator())
+
+
+@pytest.fixture(scope="module")
+def seeded_batches():
+    """6 batches of 5 from 12 examples: epochs end mid-batch (12 / 5)."""
+    # Module fixtures run before conftest's per-test reset; tf.data's
+    # shuffle mixes in the global seed, so set the same one tests get.
+    keras.utils.set_random_seed(0)
+    return pretrain_batches(tiny_source(12), 6, seed=0, blur=True)
+
+
+def test_pretrain_input_fn_views_shape_dtype_range(seeded_batches):
+    for batch in seeded_batches:
+        for key in ("view1", "view2"):
+            assert batch[key].shape == (5, SIZE, SIZE, 3)
+            assert batch[key].dtype == np.float32
+            assert batch[key].min() >= 0.0 and batch[key].max() <= 1.0
+        assert batch["label"].dtype == np.int64
+
+
+def test_pretrain_input_fn_drops_remainder_across_epochs(seeded_batches):
+    # 12 examples, batch 5: epochs end mid-batch, yet every batch is full.
+    assert [len(batch["label"]) for batch in seeded_batches] == [5] * 6
+
+
+def test_pretrain_input_fn_first_epoch_is_a_permutation(seeded_batches):
+    labels = np.concatenate([batch["label"] for batch in seeded_batches])
+    _, source_labels = next(
+        tiny_source(12).dataset().batch(12).as_numpy_iterator()
+    )
+    # The shuffle buffer (5 x 50, capped at 12) holds the whole split, so
+    # the first 12 elements are each example exactly once.
+    np.testing.assert_array_equal(np.sort(labels[:12]), np.sort(source_labels))
+
+
+def test_pretrain_input_fn_views_differ(seeded_batches):
+    for batch in seeded_batches:
+        difference = np.abs(batch["view1"] - batch["view2"]).mean(
+            axis=(1, 2, 3)
+        )
+        # Independent crops of a patterned image are never pixel-identical.
+        assert np.all(difference > 1e-3)
+
+
+def test_pretrain_input_fn_seed_repeats_exactly(seeded_batches):
+    again = pretrain_batches(tiny_source(12), 6, seed=0, blur=True)
+    for a, b in zip(seeded_batches, again, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_pretrain_input_fn_different_seeds_differ(seeded_batches):
+    other = pretrain_batches(tiny_source(12), 2, seed=1, blur=True)
+    for a, b in zip(seeded_batches, other, strict=False):
+        assert not np.array_equal(a["view1"], b["view1"])
+
+
+def test_pretrain_input_fn_per_replica_batch():
+    context = tf.distribute.InputContext(num_replicas_in_sync=2)
+    batch = pretrain_batches(
+        tiny_source(), 1, global_batch_size=8, context=context
+    )[0]
+    assert batch["view1"].shape == (4, SIZE, SIZE, 3)
+
+
+def test_pretrain_input_fn_changes_flat_colours():
+    # Crop, flip and blur leave a flat image flat and unchanged, so any
+    # change comes from the colour distortion (applied with p = 0.8).
+    batch = pretrain_batches(
+        constant_source(128, 8),
+        1,
+        global_batch_size=8,
+        color_jitter_strength=1.0,
+    )[0]
+    views = np.concatenate([batch["view1"], batch["view2"]])
+    assert np.any(np.abs(views - 128 / 255) > 0.02)
+
+
+def test_finetune_input_fn_keeps_colours():
+    input_fn = pipeline.finetune_input_fn(
+        constant_source(77, 8), global_batch_size=8, image_size=SIZE, seed=0
+    )
+    batch = next(input_fn(tf.distribute.InputContext()).as_numpy_iterator())
+    assert set(batch) == {"image", "label"}
+    assert batch["image"].shape == (8, SIZE, SIZE, 3)
+    # Crop + bicubic resize of a flat image is flat: only float rounding.
+    np.testing.assert_allclose(batch["image"], 77 / 255, atol=1e-5)
+
+
+def test_eval_dataset_one_ordered_pass():
+    source = tiny_source(10)
+    batches = list(
+        pipeline.eval_dataset(
+            source, batch_size=4, image_size=SIZE
+        ).as_numpy_iterator()
+    )
+    assert [len(batch["label"]) for batch in batches] == [4, 4, 2]
+    images, labels = next(source.dataset().batch(10).as_numpy_iterator())
+    np.testing.assert_array_equal(
+        np.concatenate([b["label"] for b in batches]), labels
+    )
+    # At <= 32 px with the stored size, eval preprocessing is the identity
+    # up to float rounding of x / 255.
+    np.testing.assert_allclose(
+        np.concatenate([b["image"] for b in batches]), images / 255, atol=1e-5
+    )
+
+
+def test_eval_dataset_shards_are_disjoint_and_cover():
+    source = tiny_source(11)
+
+    def keys(context):
+        data = pipeline.eval_dataset(
+            source, batch_size=4, image_size=SIZE, input_context=context
+        )
+        return [
+            image.tobytes()
+            for batch in data.as_numpy_iterator()
+            for image in batch["image"]
+        ]
+
+    shards = [
+        keys(
+            tf.distribute.InputContext(
+                num_input_pipelines=2, input_pipeline_id=index
+            )
+        )
+        for index in range(2)
+    ]
+    everything = keys(None)
+    assert len(set(everything)) == 11  # synthetic images are all distinct
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(itertools.chain(*shards)) == sorted(everything)
+
+
+def test_pretrain_input_fn_rejects_more_hosts_than_examples():
+    context = tf.distribute.InputContext(num_input_pipelines=4)
+    with pytest.raises(ValueError, match="fewer than the 4 input pipelines"):
+        pretrain_batches(tiny_source(3), 1, context=context)
+
+
+def test_pretrain_input_fn_tfds_mock_cifar10():
+    with tfds.testing.mock_data(
+        num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE
+    ):
+        source = sources.open_source("cifar10", "train", seed=0)
+        input_fn = pipeline.pretrain_input_fn(
+            source,
+            global_batch_size=4,
+            image_size=32,
+            color_jitter_strength=0.5,
+            blur=False,
+            seed=0,
+        )
+        batches = list(
+            input_fn(tf.distribute.InputContext()).take(2).as_numpy_iterator()
+        )
+    for batch in batches:
+        assert batch["view1"].shape == (4, 32, 32, 3)
+        assert batch["view2"].dtype == np.float32
+        assert 0.0 <= batch["view1"].min() and batch["view1"].max() <= 1.0
+        assert np.all((0 <= batch["label"]) & (batch["label"] < 10))
