@@ -1,0 +1,519 @@
+"""Command-line flags, the frozen Config they resolve to, and its validation.
+
+Flag names and defaults follow google-research/simclr's tf2/run.py so that
+its users' command lines carry over; the extensions are listed in README.md.
+This is the only module that reads absl FLAGS: everything downstream takes a
+Config (or one of its sub-configs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+MODES = ("train", "eval", "train_then_eval", "export", "preview")
+TRAIN_MODES = ("pretrain", "finetune", "lineareval", "distill")
+IMPLEMENTED_TRAIN_MODES = ("pretrain",)
+IMPLEMENTED_MODES = ("train", "eval", "train_then_eval", "export")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+OPTIMIZERS = ("lars", "momentum", "adam")
+RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
+
+
+def define_flags() -> None:
+    """Defines every simclr_tf flag on absl's global FLAGS (idempotent)."""
+    if "train_batch_size" in FLAGS:
+        return
+    _define_gr_flags()
+    _define_extension_flags()
+
+
+def _define_gr_flags() -> None:
+    """google-research/simclr flags, with its names and defaults."""
+    d = flags
+    d.DEFINE_float("learning_rate", 0.3, "Base learning rate before scaling.")
+    d.DEFINE_enum(
+        "learning_rate_scaling",
+        "linear",
+        ["linear", "sqrt"],
+        "linear: lr*B/256; sqrt: lr*sqrt(B).",
+    )
+    d.DEFINE_float("warmup_epochs", 10, "Linear warm-up length in epochs.")
+    d.DEFINE_float("weight_decay", 1e-6, "Weight decay (L2) coefficient.")
+    d.DEFINE_float("batch_norm_decay", 0.9, "BatchNormalization momentum.")
+    d.DEFINE_integer(
+        "train_batch_size",
+        512,
+        "Global batch size in images (each gives two views).",
+    )
+    d.DEFINE_string("train_split", "train", "Split to train on.")
+    d.DEFINE_integer("train_epochs", 100, "Training length in epochs.")
+    d.DEFINE_integer(
+        "train_steps", 0, "Training length in steps; overrides train_epochs."
+    )
+    d.DEFINE_integer("eval_steps", 0, "Eval steps; 0 = the whole split.")
+    d.DEFINE_integer("eval_batch_size", 256, "Batch size for evaluation.")
+    d.DEFINE_integer("checkpoint_epochs", 1, "Checkpoint every N epochs.")
+    d.DEFINE_integer(
+        "checkpoint_steps",
+        0,
+        "Checkpoint every N steps; overrides checkpoint_epochs.",
+    )
+    d.DEFINE_string("eval_split", "validation", "Split to evaluate on.")
+    d.DEFINE_string(
+        "dataset",
+        "imagenet2012",
+        "A tfds name, or fashion_mnist | synthetic.",
+    )
+    d.DEFINE_bool("cache_dataset", False, "Cache decoded images in memory.")
+    d.DEFINE_enum("mode", "train", list(MODES), "What to run.")
+    d.DEFINE_enum("train_mode", "pretrain", list(TRAIN_MODES), "What to train.")
+    d.DEFINE_bool(
+        "lineareval_while_pretraining",
+        True,
+        "Train a linear head on stop_gradient(features) while pretraining.",
+    )
+    d.DEFINE_string("checkpoint", None, "Checkpoint to initialise from.")
+    d.DEFINE_bool(
+        "zero_init_logits_layer", False, "Zero-initialise the linear head."
+    )
+    d.DEFINE_integer(
+        "fine_tune_after_block", -1, "Freeze blocks up to this one."
+    )
+    d.DEFINE_string("model_dir", None, "Where checkpoints and logs go.")
+    d.DEFINE_string("data_dir", None, "Where the dataset lives.")
+    d.DEFINE_bool(
+        "use_tpu",
+        False,
+        "Use a TPU (same as --strategy=tpu; auto-detected by default).",
+    )
+    d.DEFINE_string("tpu_name", None, "TPU name or grpc address.")
+    d.DEFINE_string("tpu_zone", None, "TPU zone.")
+    d.DEFINE_string("gcp_project", None, "GCP project of the TPU.")
+    d.DEFINE_enum(
+        "optimizer", "lars", list(OPTIMIZERS), "Optimizer for training."
+    )
+    d.DEFINE_float("momentum", 0.9, "Momentum of lars and momentum.")
+    d.DEFINE_integer("keep_checkpoint_max", 5, "Checkpoints to keep.")
+    d.DEFINE_integer("keep_hub_module_max", 1, "SavedModel exports to keep.")
+    d.DEFINE_float("temperature", 0.1, "NT-Xent temperature.")
+    d.DEFINE_bool("hidden_norm", True, "L2-normalise projections.")
+    d.DEFINE_enum(
+        "proj_head_mode",
+        "nonlinear",
+        ["none", "linear", "nonlinear"],
+        "Projection head type.",
+    )
+    d.DEFINE_integer("proj_out_dim", 128, "Projection output width.")
+    d.DEFINE_integer(
+        "num_proj_layers", 3, "Projection head layers (2 = v1, 3 = v2)."
+    )
+    d.DEFINE_integer(
+        "ft_proj_selector",
+        0,
+        "Head layer the linear head reads (0 = encoder output).",
+    )
+    d.DEFINE_bool("global_bn", True, "Synchronise BN across replicas.")
+    d.DEFINE_float(
+        "width_multiplier", 1.0, "ResNet width multiplier (0.25 allowed)."
+    )
+    d.DEFINE_integer("resnet_depth", 50, "ResNet depth.")
+    d.DEFINE_float("sk_ratio", 0.0, "Selective kernel ratio (0 = off).")
+    d.DEFINE_float("se_ratio", 0.0, "Squeeze-excitation ratio (0 = off).")
+    d.DEFINE_integer("image_size", 224, "Input image side in pixels.")
+    d.DEFINE_float("color_jitter_strength", 1.0, "Colour jitter strength s.")
+    d.DEFINE_bool("use_blur", True, "Gaussian blur in pretraining views.")
+
+
+def _define_extension_flags() -> None:
+    """simclr_tf's own flags (README.md lists them)."""
+    d = flags
+    d.DEFINE_enum("strategy", "auto", list(STRATEGIES), "Distribution.")
+    d.DEFINE_integer(
+        "num_virtual_cpus",
+        0,
+        "Split the CPU into N logical devices (MirroredStrategy over them).",
+    )
+    d.DEFINE_enum(
+        "precision",
+        "auto",
+        list(PRECISIONS),
+        "Compute precision; auto = the measured fastest for the device.",
+    )
+    d.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+    d.DEFINE_integer(
+        "steps_per_loop",
+        100,
+        "Steps per tf.function call; one console line per loop.",
+    )
+    d.DEFINE_integer("seed", None, "Seed for weights, data and views.")
+    d.DEFINE_enum(
+        "brightness_impl",
+        "v2",
+        ["v1", "v2"],
+        "v2: multiplicative brightness (GR default); v1: additive.",
+    )
+    d.DEFINE_bool(
+        "cifar_stem",
+        None,
+        "3x3/1 stem without max-pool; default: image_size <= 32.",
+    )
+    d.DEFINE_integer(
+        "linear_eval_epochs",
+        30,
+        "Epochs of the offline linear classifier on frozen features.",
+    )
+    d.DEFINE_bool(
+        "eval_baselines",
+        True,
+        "Also linear-evaluate raw pixels and the random-init encoder.",
+    )
+    d.DEFINE_integer(
+        "max_eval_examples",
+        0,
+        "Cap on examples per split in offline evaluation (0 = all).",
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Data:
+    """Where images come from and how views are made."""
+
+    dataset: str = "imagenet2012"
+    data_dir: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    image_size: int = 224
+    color_jitter_strength: float = 1.0
+    use_blur: bool = True
+    brightness_impl: str = "v2"
+    cache_dataset: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Model:
+    """Encoder and heads."""
+
+    resnet_depth: int = 50
+    width_multiplier: float = 1.0
+    cifar_stem: bool = False
+    sk_ratio: float = 0.0
+    se_ratio: float = 0.0
+    proj_head_mode: str = "nonlinear"
+    proj_out_dim: int = 128
+    num_proj_layers: int = 3
+    ft_proj_selector: int = 0
+    batch_norm_decay: float = 0.9
+    global_bn: bool = True
+    zero_init_logits_layer: bool = False
+    lineareval_while_pretraining: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Loss:
+    """NT-Xent settings."""
+
+    temperature: float = 0.1
+    hidden_norm: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Optim:
+    """Optimizer and learning-rate schedule."""
+
+    optimizer: str = "lars"
+    learning_rate: float = 0.3
+    learning_rate_scaling: str = "linear"
+    warmup_epochs: float = 10
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Train:
+    """How long, in what batches, and how often to save."""
+
+    mode: str = "train"
+    train_mode: str = "pretrain"
+    train_batch_size: int = 512
+    train_epochs: int = 100
+    train_steps: int = 0
+    steps_per_loop: int = 100
+    checkpoint_epochs: int = 1
+    checkpoint_steps: int = 0
+    keep_checkpoint_max: int = 5
+    checkpoint: str | None = None
+    fine_tune_after_block: int = -1
+    seed: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Eval:
+    """Offline evaluation after training."""
+
+    eval_batch_size: int = 256
+    eval_steps: int = 0
+    linear_eval_epochs: int = 30
+    eval_baselines: bool = True
+    max_eval_examples: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Export:
+    """SavedModel export."""
+
+    keep_hub_module_max: int = 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Runtime:
+    """Devices, distribution and numerics."""
+
+    strategy: str = "auto"
+    num_virtual_cpus: int = 0
+    precision: str = "auto"
+    jit_compile: bool = False
+    use_tpu: bool = False
+    tpu_name: str | None = None
+    tpu_zone: str | None = None
+    gcp_project: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything a run needs, resolved from flags and validated once."""
+
+    model_dir: str
+    data: Data = dataclasses.field(default_factory=Data)
+    model: Model = dataclasses.field(default_factory=Model)
+    loss: Loss = dataclasses.field(default_factory=Loss)
+    optim: Optim = dataclasses.field(default_factory=Optim)
+    train: Train = dataclasses.field(default_factory=Train)
+    eval: Eval = dataclasses.field(default_factory=Eval)
+    export: Export = dataclasses.field(default_factory=Export)
+    runtime: Runtime = dataclasses.field(default_factory=Runtime)
+
+    @classmethod
+    def from_flags(cls) -> Config:
+        """Builds a Config from the parsed absl FLAGS (not validated)."""
+        values = {name: FLAGS[name].value for name in FLAGS}
+        return from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable nested dict of every setting."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """The config as indented JSON, for logs and model_dir/config.json."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+_SECTIONS = {
+    "data": Data,
+    "model": Model,
+    "loss": Loss,
+    "optim": Optim,
+    "train": Train,
+    "eval": Eval,
+    "export": Export,
+    "runtime": Runtime,
+}
+
+
+def from_dict(values: Mapping[str, Any]) -> Config:
+    """Builds a Config from flat `{flag_name: value}`; unknown keys ignored.
+
+    Args:
+      values: flag values by flag name, e.g. {"train_batch_size": 256}.
+        Missing names take the dataclass defaults (GR's defaults).
+
+    Returns:
+      The Config. `cifar_stem=None` resolves to image_size <= 32 (as GR).
+    """
+    values = dict(values)
+    if values.get("cifar_stem") is None:
+        values["cifar_stem"] = values.get("image_size", 224) <= 32
+    sections = {}
+    for section, cls in _SECTIONS.items():
+        names = {field.name for field in dataclasses.fields(cls)}
+        sections[section] = cls(
+            **{k: v for k, v in values.items() if k in names and v is not None}
+        )
+    model_dir = values.get("model_dir") or ""
+    return Config(model_dir=model_dir, **sections)
+
+
+def replace(config: Config, **changes: Any) -> Config:
+    """A copy of config with flat flag-name changes applied."""
+    flat = {}
+    for section in _SECTIONS:
+        flat.update(dataclasses.asdict(getattr(config, section)))
+    flat["model_dir"] = config.model_dir
+    flat.update(changes)
+    flat.setdefault("cifar_stem", config.model.cifar_stem)
+    return from_dict(flat)
+
+
+def validate(config: Config) -> Config:
+    """Checks every setting once and reports all problems in one error.
+
+    Args:
+      config: the Config to check.
+
+    Returns:
+      config, unchanged, when it is valid.
+
+    Raises:
+      ValueError: listing every problem, each naming the flag, the rule and
+        a fix.
+    """
+    problems = (
+        _check_run(config) + _check_model(config.model) + _check_numbers(config)
+    )
+    if problems:
+        raise ValueError(
+            f"{len(problems)} invalid flag value(s):\n  - "
+            + "\n  - ".join(problems)
+        )
+    return config
+
+
+def _check_run(config: Config) -> list[str]:
+    problems = []
+    train = config.train
+    if not config.model_dir:
+        problems.append(
+            "--model_dir is not set; it is where checkpoints, logs and "
+            "exports go. Use e.g. --model_dir=/tmp/simclr_run."
+        )
+    if train.mode not in IMPLEMENTED_MODES:
+        problems.append(
+            f"--mode={train.mode} is not implemented yet; use one of "
+            f"{', '.join(IMPLEMENTED_MODES)}."
+        )
+    if train.train_mode not in IMPLEMENTED_TRAIN_MODES:
+        problems.append(
+            f"--train_mode={train.train_mode} is not implemented yet; "
+            f"use --train_mode=pretrain (the offline linear evaluation "
+            f"runs after pretraining with --mode=train_then_eval)."
+        )
+    if config.runtime.precision == "mixed_float16" and (
+        config.runtime.strategy == "tpu" or config.runtime.use_tpu
+    ):
+        problems.append(
+            "--precision=mixed_float16 is not supported on TPU; use "
+            "--precision=mixed_bfloat16."
+        )
+    if config.data.brightness_impl not in ("v1", "v2"):
+        problems.append(
+            f"--brightness_impl={config.data.brightness_impl} must be v1 or v2."
+        )
+    return problems
+
+
+def _check_model(model: Model) -> list[str]:
+    problems = []
+    if model.resnet_depth not in RESNET_DEPTHS:
+        problems.append(
+            f"--resnet_depth={model.resnet_depth} must be one of "
+            f"{list(RESNET_DEPTHS)}; use e.g. --resnet_depth=50."
+        )
+    if model.width_multiplier <= 0 or round(64 * model.width_multiplier) < 1:
+        problems.append(
+            f"--width_multiplier={model.width_multiplier} must give at "
+            f"least one channel (64*w >= 1); use e.g. 0.25, 1 or 2."
+        )
+    if model.sk_ratio != 0 or model.se_ratio != 0:
+        problems.append(
+            f"--sk_ratio={model.sk_ratio} / --se_ratio={model.se_ratio}: "
+            f"selective kernels and squeeze-excitation are not implemented "
+            f"yet; use --sk_ratio=0 --se_ratio=0."
+        )
+    if model.proj_out_dim < 1:
+        problems.append(
+            f"--proj_out_dim={model.proj_out_dim} must be >= 1; use 128."
+        )
+    if model.proj_head_mode == "nonlinear" and model.num_proj_layers < 1:
+        problems.append(
+            f"--num_proj_layers={model.num_proj_layers} must be >= 1 with "
+            f"--proj_head_mode=nonlinear; use 2 (v1) or 3 (v2)."
+        )
+    layers = _num_head_layers(model)
+    if not -1 <= model.ft_proj_selector <= layers:
+        problems.append(
+            f"--ft_proj_selector={model.ft_proj_selector} must be in "
+            f"[-1, {layers}] for this projection head; use 0 (the encoder "
+            f"output) or -1 (the last head layer)."
+        )
+    if not 0.0 <= model.batch_norm_decay < 1.0:
+        problems.append(
+            f"--batch_norm_decay={model.batch_norm_decay} must be in "
+            f"[0, 1); use 0.9."
+        )
+    return problems
+
+
+def _num_head_layers(model: Model) -> int:
+    if model.proj_head_mode == "nonlinear":
+        return model.num_proj_layers
+    return 1 if model.proj_head_mode == "linear" else 0
+
+
+def _check_numbers(config: Config) -> list[str]:
+    problems = []
+    train, data, optim = config.train, config.data, config.optim
+    positive = {
+        "train_batch_size": train.train_batch_size,
+        "eval_batch_size": config.eval.eval_batch_size,
+        "image_size": data.image_size,
+        "steps_per_loop": train.steps_per_loop,
+        "keep_checkpoint_max": train.keep_checkpoint_max,
+        "keep_hub_module_max": config.export.keep_hub_module_max,
+        "linear_eval_epochs": config.eval.linear_eval_epochs,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            problems.append(f"--{name}={value} must be >= 1.")
+    if train.train_steps < 0 or train.train_epochs < 0:
+        problems.append("--train_steps and --train_epochs must be >= 0.")
+    if train.train_steps == 0 and train.train_epochs == 0:
+        problems.append(
+            "--train_steps=0 and --train_epochs=0 give no training; set "
+            "one of them, e.g. --train_epochs=100."
+        )
+    if train.train_batch_size == 1:
+        problems.append(
+            "--train_batch_size=1 leaves no negatives for NT-Xent; use at "
+            "least 2 (the paper uses 256 to 8192)."
+        )
+    if config.loss.temperature <= 0:
+        problems.append(
+            f"--temperature={config.loss.temperature} must be > 0; use 0.1 "
+            f"(ImageNet) or 0.5 (CIFAR)."
+        )
+    if not 0.0 <= data.color_jitter_strength <= 1.25:
+        problems.append(
+            f"--color_jitter_strength={data.color_jitter_strength} must be "
+            f"in [0, 1.25] (above it contrast and saturation factors go "
+            f"negative); use 1.0 (ImageNet) or 0.5 (CIFAR)."
+        )
+    if optim.learning_rate <= 0 or not math.isfinite(optim.learning_rate):
+        problems.append(
+            f"--learning_rate={optim.learning_rate} must be a positive "
+            f"number; use 0.3 with LARS and linear scaling."
+        )
+    if optim.weight_decay < 0 or optim.warmup_epochs < 0:
+        problems.append("--weight_decay and --warmup_epochs must be >= 0.")
+    if not 0.0 <= optim.momentum < 1.0:
+        problems.append(f"--momentum={optim.momentum} must be in [0, 1).")
+    if config.runtime.num_virtual_cpus < 0:
+        problems.append("--num_virtual_cpus must be >= 0.")
+    return problems

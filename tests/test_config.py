@@ -1,0 +1,115 @@
+"""Tests for simclr_tf.config: GR defaults, flag parsing, validation."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+from absl import flags
+
+from simclr_tf import config as config_lib
+
+config_lib.define_flags()
+FLAGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "flags"
+
+
+def _parse(*arguments: str) -> config_lib.Config:
+    """Parses command-line style arguments into a Config (fresh FLAGS)."""
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["simclr_tf", *arguments])
+    try:
+        return config_lib.Config.from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_config_defaults_follow_google_research_simclr():
+    config = _parse("--model_dir=/tmp/x")
+    # Values from google-research/simclr tf2/run.py (REFERENCE.md).
+    assert config.optim.learning_rate == 0.3
+    assert config.optim.learning_rate_scaling == "linear"
+    assert config.optim.warmup_epochs == 10
+    assert config.optim.weight_decay == 1e-6
+    assert config.model.batch_norm_decay == 0.9
+    assert config.train.train_batch_size == 512
+    assert config.train.train_epochs == 100
+    assert config.loss.temperature == 0.1
+    assert config.model.proj_out_dim == 128
+    assert config.model.num_proj_layers == 3
+    assert config.model.resnet_depth == 50
+    assert config.data.image_size == 224
+    assert config.data.color_jitter_strength == 1.0
+    assert config.data.use_blur is True
+    assert config.model.global_bn is True
+    assert config.data.eval_split == "validation"
+    assert config.runtime.use_tpu is False  # GR defaults True; we detect.
+
+
+def test_config_cifar_stem_follows_image_size():
+    assert _parse("--model_dir=/x", "--image_size=32").model.cifar_stem
+    assert not _parse("--model_dir=/x", "--image_size=224").model.cifar_stem
+    explicit = _parse("--model_dir=/x", "--image_size=32", "--cifar_stem=false")
+    assert not explicit.model.cifar_stem
+
+
+def test_config_flagfiles_parse_and_validate():
+    for name in ("demo", "fashion_mnist", "cifar10", "imagenet"):
+        config = _parse(
+            f"--flagfile={FLAGS_DIR / name}.cfg", "--model_dir=/tmp/x"
+        )
+        assert config_lib.validate(config) is config
+
+
+def test_config_round_trips_through_json():
+    config = _parse("--model_dir=/tmp/x", "--width_multiplier=0.25")
+    restored = json.loads(config.to_json())
+    assert restored["model"]["width_multiplier"] == 0.25
+    assert restored["model_dir"] == "/tmp/x"
+
+
+def test_validate_reports_every_problem_with_flag_and_fix():
+    config = config_lib.from_dict(
+        {
+            "model_dir": "/tmp/x",
+            "resnet_depth": 42,
+            "temperature": 0.0,
+            "color_jitter_strength": 2.0,
+            "train_batch_size": 0,
+        }
+    )
+    with pytest.raises(ValueError) as error:
+        config_lib.validate(config)
+    message = str(error.value)
+    assert message.startswith("4 invalid flag value(s)")
+    assert "--resnet_depth=42" in message and "use e.g." in message
+    assert "--temperature=0.0" in message
+    assert "--color_jitter_strength=2.0" in message
+    assert "--train_batch_size=0" in message
+
+
+def test_validate_rejects_missing_model_dir():
+    with pytest.raises(ValueError, match="--model_dir is not set"):
+        config_lib.validate(config_lib.from_dict({}))
+
+
+def test_validate_rejects_selector_outside_head():
+    config = config_lib.from_dict(
+        {"model_dir": "/x", "num_proj_layers": 2, "ft_proj_selector": 3}
+    )
+    with pytest.raises(ValueError, match=r"--ft_proj_selector=3 must be in"):
+        config_lib.validate(config)
+
+
+def test_validate_rejects_unimplemented_train_mode():
+    config = config_lib.from_dict({"model_dir": "/x", "train_mode": "distill"})
+    with pytest.raises(ValueError, match="--train_mode=distill"):
+        config_lib.validate(config)
+
+
+def test_replace_changes_one_flag_and_keeps_the_rest():
+    config = config_lib.from_dict({"model_dir": "/x", "image_size": 28})
+    changed = config_lib.replace(config, train_steps=7)
+    assert changed.train.train_steps == 7
+    assert changed.data.image_size == 28
+    assert changed.model.cifar_stem is True
