@@ -1,0 +1,130 @@
+"""The absl application: flags → Config → the chosen --mode.
+
+train: pretrain (resumes from --model_dir). eval: offline linear evaluation
+of the latest checkpoint. train_then_eval: both, then export, result.json
+and a summary table. export: a SavedModel of the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+from absl import app, logging
+
+from simclr_tf import config as config_lib
+
+config_lib.define_flags()
+
+
+def main(argv: Sequence[str]) -> None:
+    """Entry point for `python -m simclr_tf`."""
+    if len(argv) > 1:
+        raise app.UsageError(
+            f"unexpected arguments {list(argv[1:])}; flags take the form "
+            f"--name=value (python -m simclr_tf --helpfull lists them)."
+        )
+    try:
+        config = config_lib.validate(config_lib.Config.from_flags())
+    except ValueError as error:
+        sys.exit(f"simclr_tf: {error}")
+    run(config)
+
+
+def run(config: config_lib.Config) -> dict[str, object]:
+    """Runs config.train.mode and returns the result written to result.json.
+
+    Args:
+      config: a validated Config.
+
+    Returns:
+      The result dict (also written to <model_dir>/result.json for
+      train_then_eval and eval).
+    """
+    # Imported here so that `--helpfull` and flag errors stay fast.
+    from simclr_tf import export, linear_protocol, runtime, train
+
+    mode = config.train.mode
+    started = time.time()
+    os.makedirs(config.model_dir, exist_ok=True)
+    if mode in ("train", "train_then_eval"):
+        summary = train.run_training(config)
+    else:
+        summary = train.restore_for_eval(config)
+    state = summary["state"]
+    result: dict[str, object] = {
+        "step": int(state.optimizer.iterations.numpy()),
+        "config": config.to_dict(),
+        "versions": _versions(),
+    }
+    if "metrics" in summary:
+        result.update({f"train/{k}": v for k, v in summary["metrics"].items()})
+        result["train/images_per_second"] = summary["images_per_second"]
+    chief = runtime.is_chief(state.strategy)
+    if mode in ("eval", "train_then_eval"):
+        result.update(linear_protocol.run_linear_eval(config, state))
+    if chief and mode in ("export", "train_then_eval"):
+        path = export.export_saved_model(
+            state.model,
+            config.model_dir,
+            result["step"],
+            image_shape=state.image_shape,
+            keep_max=config.export.keep_hub_module_max,
+        )
+        result["export_path"] = path
+        logging.info("exported SavedModel to %s", path)
+    result["wall_seconds"] = time.time() - started
+    if chief and mode != "export":
+        path = train.write_result(config.model_dir, result)
+        logging.info("wrote %s", path)
+        if "eval/top_1" in result:
+            print(format_table(result), flush=True)
+    return result
+
+
+def format_table(result: Mapping[str, object]) -> str:
+    """The linear-evaluation table printed at the end of train_then_eval."""
+    rows = [
+        ("SimCLR encoder (this run)", "eval/top_1", "eval/top_5"),
+        (
+            "same encoder, random init",
+            "eval/random_init/top_1",
+            "eval/random_init/top_5",
+        ),
+        ("raw pixels", "eval/pixels/top_1", "eval/pixels/top_5"),
+    ]
+    lines = [
+        f"linear evaluation on {result['config']['data']['dataset']}/"
+        f"{result['config']['data']['eval_split']} (step {result['step']}, "
+        f"{result['wall_seconds'] / 60:.1f} min)",
+        f"{'representation':<28}{'top-1':>8}{'top-5':>8}",
+    ]
+    for label, top1, top5 in rows:
+        if top1 in result:
+            lines.append(
+                f"{label:<28}{100 * result[top1]:>7.2f}%"
+                f"{100 * result[top5]:>7.2f}%"
+            )
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+
+    import simclr_tf
+
+    return {
+        "simclr_tf": simclr_tf.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_main() -> None:
+    """Console-script entry point."""
+    app.run(main)

@@ -1,0 +1,124 @@
+"""The run-level linear evaluation: SimCLR encoder against two baselines.
+
+Evaluates, on the same train/eval splits and with the same linear protocol
+(evaluate.py), three representations: the pretrained encoder, the same
+encoder architecture at random initialisation, and raw pixels. The numeric
+work is in evaluate.py; this module only wires a Config to it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from simclr_tf import config as config_lib
+from simclr_tf import evaluate, runtime, train
+from simclr_tf.data import pipeline, sources
+
+
+def run_linear_eval(
+    config: config_lib.Config, state: train.TrainState
+) -> dict[str, float]:
+    """Linear-evaluates the trained encoder and the two baselines.
+
+    Args:
+      config: the run's Config (dataset, splits, image size, eval settings).
+      state: the TrainState holding the trained model.
+
+    Returns:
+      Metrics named as in TensorBoard: eval/top_1, eval/top_5,
+      eval/random_init/top_1, eval/pixels/top_1, ... and example counts.
+    """
+    started = time.time()
+    train_data = _eval_dataset(config, config.data.train_split)
+    test_data = _eval_dataset(config, config.data.eval_split)
+    num_classes = state.num_classes
+    representations: dict[str, Callable[[tf.data.Dataset], tuple]] = {
+        "": lambda data: evaluate.extract_features(state.model, data),
+    }
+    if config.eval.eval_baselines:
+        random_model = _random_init_model(config, state)
+        representations["random_init/"] = lambda data: (
+            evaluate.extract_features(random_model, data)
+        )
+        representations["pixels/"] = evaluate.pixel_features
+    result: dict[str, float] = {}
+    for prefix, featurize in representations.items():
+        train_features, train_labels = featurize(train_data)
+        test_features, test_labels = featurize(test_data)
+        metrics = evaluate.linear_eval(
+            train_features,
+            train_labels,
+            test_features,
+            test_labels,
+            num_classes,
+            epochs=config.eval.linear_eval_epochs,
+            seed=config.train.seed or 0,
+        )
+        for name, value in metrics.items():
+            result[f"eval/{prefix}{name}"] = value
+        logging.info(
+            "linear eval %s: top-1 %.4f top-5 %.4f (%d train, %d test)",
+            prefix.rstrip("/") or "simclr",
+            metrics["top_1"],
+            metrics["top_5"],
+            metrics["num_train"],
+            metrics["num_test"],
+        )
+    result["eval/seconds"] = time.time() - started
+    _write_scalars(config, state, result)
+    return result
+
+
+def _eval_dataset(config: config_lib.Config, split: str) -> tf.data.Dataset:
+    source = sources.open_source(
+        config.data.dataset,
+        split,
+        data_dir=config.data.data_dir,
+        seed=config.train.seed,
+    )
+    data = pipeline.eval_dataset(
+        source,
+        batch_size=config.eval.eval_batch_size,
+        image_size=config.data.image_size,
+    )
+    limit = config.eval.max_eval_examples
+    if limit > 0:
+        data = data.unbatch().take(limit).batch(config.eval.eval_batch_size)
+    return data
+
+
+def _random_init_model(
+    config: config_lib.Config, state: train.TrainState
+) -> keras.Model:
+    """The same architecture, freshly initialised (seeded when --seed is)."""
+    if config.train.seed is not None:
+        keras.utils.set_random_seed(config.train.seed + 1)
+    with state.strategy.scope():
+        model = train.build_model(
+            config, state.num_classes, state.image_shape[-1]
+        )
+        model(tf.zeros((1, *state.image_shape)))
+    return model
+
+
+def _write_scalars(
+    config: config_lib.Config,
+    state: train.TrainState,
+    result: dict[str, float],
+) -> None:
+    if not runtime.is_chief(state.strategy):
+        return
+    step = int(state.optimizer.iterations.numpy())
+    writer = tf.summary.create_file_writer(
+        os.path.join(config.model_dir, "eval")
+    )
+    with writer.as_default(step=step):
+        for name, value in result.items():
+            tf.summary.scalar(name, value)
+    writer.flush()

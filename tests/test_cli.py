@@ -1,0 +1,102 @@
+"""End-to-end tests of the command line: bad flags, train_then_eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from simclr_tf import cli
+from simclr_tf import config as config_lib
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_cli(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "simclr_tf", *arguments],
+        env={**os.environ, "PYTHONPATH": REPOSITORY},
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_rejects_bad_flags_with_every_message(tmp_path):
+    finished = _run_cli(
+        f"--model_dir={tmp_path}",
+        "--resnet_depth=42",
+        "--temperature=-1",
+    )
+    assert finished.returncode != 0
+    assert "2 invalid flag value(s)" in finished.stderr
+    assert "--resnet_depth=42 must be one of" in finished.stderr
+    assert "--temperature=-1.0 must be > 0" in finished.stderr
+    # Rejected before anything is built: model_dir stays empty.
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_rejects_unknown_flag():
+    finished = _run_cli("--model_dir=/tmp/x", "--learnig_rate=0.1")
+    assert finished.returncode != 0
+    assert "learnig_rate" in finished.stderr
+
+
+def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
+    config = config_lib.validate(
+        config_lib.from_dict(
+            {
+                "model_dir": str(tmp_path),
+                "mode": "train_then_eval",
+                "dataset": "synthetic",
+                "train_split": "train",
+                "eval_split": "test",
+                "image_size": 16,
+                "resnet_depth": 18,
+                "width_multiplier": 0.125,
+                "num_proj_layers": 2,
+                "proj_out_dim": 16,
+                "train_batch_size": 32,
+                "train_steps": 4,
+                "steps_per_loop": 2,
+                "warmup_epochs": 0,
+                "temperature": 0.5,
+                "use_blur": False,
+                "linear_eval_epochs": 2,
+                "max_eval_examples": 64,
+                "precision": "float32",
+                "seed": 0,
+            }
+        )
+    )
+    result = cli.run(config)
+    with open(tmp_path / "result.json") as file:
+        written = json.load(file)
+    assert written["step"] == 4
+    for name in (
+        "eval/top_1",
+        "eval/top_5",
+        "eval/random_init/top_1",
+        "eval/pixels/top_1",
+        "train/contrast_loss",
+        "train/contrast_acc",
+        "train/images_per_second",
+    ):
+        assert 0.0 <= written[name] < float("inf"), name
+    assert written["eval/num_test"] == 64
+    assert written["config"]["model"]["width_multiplier"] == 0.125
+    assert written["versions"]["tensorflow"] == tf.__version__
+    assert result["export_path"] == str(tmp_path / "saved_model" / "4")
+    loaded = tf.saved_model.load(result["export_path"])
+    images = np.random.default_rng(0).random((2, 16, 16, 3), np.float32)
+    outputs = loaded.signatures["serving_default"](tf.constant(images))
+    assert outputs["proj_head_output"].shape == (2, 16)
+    table = capsys.readouterr().out
+    assert "SimCLR encoder (this run)" in table and "raw pixels" in table
+    # TensorBoard event files for train and eval scalars.
+    assert os.listdir(tmp_path / "train") and os.listdir(tmp_path / "eval")

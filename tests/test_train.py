@@ -1,0 +1,239 @@
+"""Tests for simclr_tf.train: schedule, the step, overfit, resume, NaN stop."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_tf import config as config_lib
+from simclr_tf import train
+from simclr_tf.data import augment, sources
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = {
+    "dataset": "synthetic",
+    "train_split": "train",
+    "eval_split": "test",
+    "image_size": 16,
+    "resnet_depth": 18,
+    "width_multiplier": 0.125,
+    "num_proj_layers": 2,
+    "proj_out_dim": 16,
+    "train_batch_size": 16,
+    "temperature": 0.5,
+    "color_jitter_strength": 0.5,
+    "use_blur": False,
+    "warmup_epochs": 0,
+    "precision": "float32",
+    "seed": 0,
+}
+
+
+def _tiny_config(model_dir: str, **changes) -> config_lib.Config:
+    return config_lib.validate(
+        config_lib.from_dict({**TINY, "model_dir": model_dir, **changes})
+    )
+
+
+def test_is_due_every_multiple_and_at_the_end():
+    due = [step for step in range(1, 11) if train.is_due(step, 3, 10)]
+    assert due == [3, 6, 9, 10]
+    assert [s for s in range(1, 6) if train.is_due(s, 0, 5)] == [5]
+
+
+def test_resolve_schedule_matches_google_research_formulas():
+    config = config_lib.from_dict(
+        {
+            "train_batch_size": 256,
+            "train_epochs": 3,
+            "warmup_epochs": 0.3,
+            "checkpoint_epochs": 1,
+        }
+    )
+    schedule = train.resolve_schedule(config.train, config.optim, 60000)
+    # GR: total = N*epochs//B + 1, warm-up = round(epochs_w*N//B).
+    assert schedule.steps_per_epoch == 60000 // 256 == 234
+    assert schedule.total_steps == 60000 * 3 // 256 + 1 == 704
+    assert schedule.warmup_steps == round(0.3 * 60000 // 256) == 70
+    assert schedule.checkpoint_every == 234
+
+
+def test_resolve_schedule_train_steps_override_epochs():
+    config = config_lib.from_dict(
+        {"train_batch_size": 32, "train_steps": 7, "checkpoint_steps": 3}
+    )
+    schedule = train.resolve_schedule(config.train, config.optim, 512)
+    assert schedule.total_steps == 7
+    assert schedule.checkpoint_every == 3
+
+
+def test_resolve_schedule_rejects_batch_larger_than_split():
+    config = config_lib.from_dict({"train_batch_size": 1024})
+    with pytest.raises(ValueError, match="--train_batch_size=1024"):
+        train.resolve_schedule(config.train, config.optim, 512)
+
+
+def test_loop_lengths_stop_at_checkpoints_and_the_end():
+    schedule = train.Schedule(
+        steps_per_epoch=10,
+        total_steps=25,
+        warmup_steps=0,
+        checkpoint_every=10,
+        steps_per_loop=4,
+    )
+    step, lengths = 0, []
+    while step < schedule.total_steps:
+        length = train._steps_until_boundary(step, schedule)
+        lengths.append(length)
+        step += length
+    assert lengths == [4, 4, 2, 4, 4, 2, 4, 1]
+
+
+@pytest.mark.parametrize(("batch", "replicas"), [(30, 4), (4, 4)])
+def test_check_batch_rejects_bad_per_replica_batch(batch, replicas):
+    with pytest.raises(ValueError, match=f"--train_batch_size={batch}"):
+        train.check_batch_divides(batch, replicas)
+
+
+def test_tiny_overfit_contrast_accuracy_rises(tmp_path):
+    """16 images, a narrow ResNet, 100 steps: the loss starts near ln(2N-1)."""
+    config = _tiny_config(
+        str(tmp_path),
+        optimizer="adam",
+        learning_rate=0.003,
+        learning_rate_scaling="sqrt",
+        train_steps=100,
+        lineareval_while_pretraining=False,
+    )
+    source = sources.synthetic(16, image_size=16, channels=3, seed=3)
+    strategy = tf.distribute.get_strategy()
+    state = train.build_state(config, strategy, source)
+    images = np.stack(
+        [image for image, _ in source.dataset().as_numpy_iterator()]
+    )
+
+    def views(index):
+        seeds = tf.random.experimental.stateless_split([7, index], 2 * 16)
+        batch = [
+            augment.simclr_augment(
+                images[i % 16],
+                16,
+                color_jitter_strength=0.5,
+                blur=False,
+                seed=seeds[i],
+            )
+            for i in range(32)
+        ]
+        return {
+            "view1": tf.stack(batch[:16]),
+            "view2": tf.stack(batch[16:]),
+            "label": tf.zeros([16], tf.int64),
+        }
+
+    batches = [views(index) for index in range(10)]
+    iterator = iter(
+        tf.data.Dataset.from_tensor_slices(
+            {k: tf.stack([b[k] for b in batches]) for k in batches[0]}
+        ).repeat()
+    )
+    loop = train.make_train_loop(
+        strategy, train.make_train_step(config, state.model, state.optimizer, 1)
+    )
+    first = loop(iterator, tf.constant(1))
+    for _ in range(9):
+        last = loop(iterator, tf.constant(11))
+    # At initialisation z is nearly uninformative: loss ~ ln(2N-1) = ln(31);
+    # the margin allows the random-init similarity spread at tau = 0.5.
+    assert abs(float(first["contrast_loss"]) - math.log(31)) < 0.35
+    # Chance is 1/16 = 0.06; measured about 0.9 after 100 steps: require 0.5.
+    assert float(last["contrast_acc"]) > 0.5
+    assert float(last["contrast_loss"]) < float(first["contrast_loss"]) - 1.0
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    model_dir = str(tmp_path)
+    good = _tiny_config(
+        model_dir, train_steps=4, checkpoint_steps=2, steps_per_loop=2
+    )
+    summary = train.run_training(good)
+    assert summary["step"] == 4
+    saved = [v.numpy() for v in summary["state"].model.weights]
+    # Momentum SGD with lr 1e30 overflows float32 weights in one step.
+    bad = config_lib.replace(
+        good, optimizer="momentum", learning_rate=1e30, train_steps=8
+    )
+    with pytest.raises(train.NonFiniteLossError) as error:
+        train.run_training(bad)
+    message = str(error.value)
+    assert "steps 5..6" in message and "ckpt-4" in message
+    assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-4")
+    restored = train.restore_for_eval(good)["state"].model.weights
+    for before, after in zip(saved, restored, strict=True):
+        np.testing.assert_array_equal(before, after.numpy())
+
+
+def test_killed_run_resumes_at_saved_step(tmp_path):
+    """SIGKILL mid-run, then the same command continues from its checkpoint."""
+    model_dir = str(tmp_path / "run")
+    command = [
+        sys.executable,
+        "-m",
+        "simclr_tf",
+        f"--model_dir={model_dir}",
+        "--mode=train",
+        "--train_steps=300",
+        "--checkpoint_steps=5",
+        "--steps_per_loop=5",
+        "--strategy=default",
+        *[f"--{k}={v}" for k, v in TINY.items()],
+    ]
+    environment = {**os.environ, "PYTHONPATH": REPOSITORY}
+    process = subprocess.Popen(
+        command,
+        env=environment,
+        cwd=REPOSITORY,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while tf.train.latest_checkpoint(model_dir) is None:
+        assert process.poll() is None, "training exited before a checkpoint"
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = int(tf.train.latest_checkpoint(model_dir).split("-")[-1])
+    assert 5 <= killed_at < 300
+    resumed = subprocess.run(
+        command,
+        env=environment,
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {model_dir}/ckpt-{killed_at}" in resumed.stderr
+    assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-300")
+    first_line = next(
+        line for line in resumed.stderr.splitlines() if "] step " in line
+    )
+    assert f"step {killed_at + 5}/300" in first_line
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
+    train.run_training(_tiny_config(str(tmp_path), train_steps=2))
+    other = _tiny_config(str(tmp_path), train_steps=4, width_multiplier=0.25)
+    with pytest.raises(ValueError, match="does not match this model"):
+        train.run_training(other)
+    # The good checkpoint is still the latest one.
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
