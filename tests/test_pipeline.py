@@ -207,3 +207,69 @@ def test_pretrain_input_fn_tfds_mock_cifar10():
         assert batch["view2"].dtype == np.float32
         assert 0.0 <= batch["view1"].min() and batch["view1"].max() <= 1.0
         assert np.all((0 <= batch["label"]) & (batch["label"] < 10))
+
+
+# Both paths draw every random number from the same per-element seed; only
+# float32 summation order differs (see test_augment's PARITY_ATOL).
+PARITY_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pretrain_input_fn_batched_equals_per_image(channels):
+    source = sources.synthetic(
+        num_examples=12, image_size=SIZE, channels=channels, seed=0
+    )
+    batches = {}
+    for batched in (True, False):
+        keras.utils.set_random_seed(0)  # tf.data's shuffle mixes it in
+        batches[batched] = pretrain_batches(
+            source, 3, seed=0, blur=True, batched_augment=batched
+        )
+    for fast, slow in zip(batches[True], batches[False], strict=True):
+        np.testing.assert_array_equal(fast["label"], slow["label"])
+        for key in ("view1", "view2"):
+            np.testing.assert_allclose(fast[key], slow[key], atol=PARITY_ATOL)
+
+
+def test_finetune_input_fn_batched_equals_per_image():
+    batches = {}
+    for batched in (True, False):
+        keras.utils.set_random_seed(0)
+        input_fn = pipeline.finetune_input_fn(
+            tiny_source(12),
+            global_batch_size=5,
+            image_size=SIZE,
+            seed=3,
+            batched_augment=batched,
+        )
+        data = input_fn(tf.distribute.InputContext()).take(3)
+        batches[batched] = list(data.as_numpy_iterator())
+    for fast, slow in zip(batches[True], batches[False], strict=True):
+        np.testing.assert_array_equal(fast["label"], slow["label"])
+        np.testing.assert_allclose(
+            fast["image"], slow["image"], atol=PARITY_ATOL
+        )
+
+
+def test_pretrain_input_fn_varying_image_sizes_fall_back_to_per_image():
+    shapes = [(20, 24), (18, 16), (24, 20), (16, 22)]
+    images = [
+        np.random.default_rng(i).integers(0, 256, (*shape, 3), np.uint8)
+        for i, shape in enumerate(shapes)
+    ]
+
+    def loader(input_context, shuffle_files):
+        return tf.data.Dataset.from_generator(
+            lambda: ((image, np.int64(0)) for image in images),
+            output_signature=(
+                tf.TensorSpec([None, None, 3], tf.uint8),
+                tf.TensorSpec([], tf.int64),
+            ),
+        )
+
+    source = sources.Source(
+        "varying", "train", 4, 1, (None, None, 3), _loader=loader
+    )
+    # Batching before cropping would fail on these shapes.
+    batch = pretrain_batches(source, 1, global_batch_size=4)[0]
+    assert batch["view1"].shape == (4, SIZE, SIZE, 3)

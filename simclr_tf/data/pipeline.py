@@ -2,7 +2,9 @@
 
 The training functions return an `input_fn(input_context)` for
 `strategy.distribute_datasets_from_function`; each host reads its own shard
-and batches per replica. Augmentations themselves live in augment.py.
+and batches per replica. Training pipelines batch first and augment whole
+batches (augment.*_batch); the per-image path gives the same values.
+Augmentations themselves live in augment.py.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from simclr_tf.data import augment, sources
+from simclr_tf.data import augment, random_ops, sources
 
 InputFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 AUTOTUNE = tf.data.AUTOTUNE
@@ -35,22 +37,36 @@ def shuffle_buffer_size(
     return max(1, min(per_replica_batch_size * multiplier, num_examples))
 
 
-def _element_seeds(seed: int | None, host: int) -> tf.data.Dataset:
+def _element_seeds(
+    seed: int | None, host: int, batch_size: int | None = None
+) -> tf.data.Dataset:
     """An endless stream of int32 [2] stateless seeds, one per element.
 
     Seeded: [derived seed, element index], independent of TF's global seed.
     Unseeded: random values from `Dataset.random`, different every run.
+    With batch_size, one int32 [batch_size, 2] element per batch instead,
+    made in one step (no per-element map): seeded, exactly the batched
+    per-element stream.
     """
     if seed is None:
         # One random int64 per element, viewed as two int32.
-        return tf.data.Dataset.random().map(
-            lambda value: tf.bitcast(value, tf.int32)
-        )
+        data = tf.data.Dataset.random()
+        if batch_size is not None:
+            data = data.batch(batch_size)
+        return data.map(lambda value: tf.bitcast(value, tf.int32))
     base = tf.constant(_derived_seed(seed, _AUGMENT_SALT, host), tf.int64)
     # The index wraps modulo 2^32 in the cast: 4e9 distinct seeds per host.
-    return tf.data.Dataset.counter().map(
-        lambda index: tf.cast(tf.stack([base, index]), tf.int32)
-    )
+    if batch_size is None:
+        return tf.data.Dataset.counter().map(
+            lambda index: tf.cast(tf.stack([base, index]), tf.int32)
+        )
+
+    def batch_seeds(batch: tf.Tensor) -> tf.Tensor:
+        index = batch * batch_size + tf.range(batch_size, dtype=tf.int64)
+        bases = tf.fill([batch_size], base)
+        return tf.cast(tf.stack([bases, index], axis=1), tf.int32)
+
+    return tf.data.Dataset.counter().map(batch_seeds)
 
 
 def _training_examples(
@@ -61,13 +77,11 @@ def _training_examples(
     seed: int | None,
     cache: bool,
 ) -> tf.data.Dataset:
-    """This host's (image, label, seed) stream: shuffled, repeated forever.
+    """This host's (image, label) stream: shuffled, repeated forever.
 
-    The third component is an int32 [2] stateless seed per element. Seeded,
-    the stream repeats exactly for the same TF global seed: tf.data's
-    shuffle combines its op seed with the global one, as every TF random op
-    does (train.py sets both from --seed); the augmentation seeds do not
-    depend on the global seed.
+    Seeded, the stream repeats exactly for the same TF global seed:
+    tf.data's shuffle combines its op seed with the global one, as every TF
+    random op does (train.py sets both from --seed).
     """
     hosts = input_context.num_input_pipelines
     if source.num_examples < hosts:
@@ -81,19 +95,51 @@ def _training_examples(
     if cache:
         data = data.cache()  # uint8 images, before any augmentation
     per_host = -(-source.num_examples // hosts)
-    data = data.shuffle(
+    return data.shuffle(
         shuffle_buffer_size(per_replica_batch_size, image_size, per_host),
         seed=None if seed is None else _derived_seed(seed, _SHUFFLE_SALT, host),
         reshuffle_each_iteration=True,
     ).repeat()
-    data = tf.data.Dataset.zip(data, _element_seeds(seed, host))
-    return data.map(lambda pair, seed_: (*pair, seed_))
 
 
-def _finish(
-    data: tf.data.Dataset, batch_size: int, seed: int | None
+def _augment_and_batch(
+    examples: tf.data.Dataset,
+    batch_size: int,
+    seed: int | None,
+    host: int,
+    augment_fns: tuple[Callable[..., dict], Callable[..., dict]],
+    batched_augment: bool,
 ) -> tf.data.Dataset:
-    data = data.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+    """Batches (image, label) pairs and augments them, each with its seed.
+
+    augment_fns: (per_image, per_batch), called as fn(image, label, seed)
+    on one element or on [b, ...] batches. Element k gets stateless seed k
+    of `_element_seeds` on both paths, so they agree. Batched is far faster
+    (fewer ops per image), but images of varying size cannot be batched
+    before cropping: sources without a static H and W go per image.
+
+    Returns:
+      Batches of augment_fns' dicts, drop_remainder.
+    """
+    per_image, per_batch = augment_fns
+    static_size = examples.element_spec[0].shape[:2].is_fully_defined()
+    if batched_augment and static_size:
+        data = examples.batch(batch_size, drop_remainder=True)
+        seeds = _element_seeds(seed, host, batch_size)
+        return tf.data.Dataset.zip(data, seeds).map(
+            lambda pair, seeds_: per_batch(*pair, seeds_),
+            num_parallel_calls=AUTOTUNE,
+        )
+    data = tf.data.Dataset.zip(examples, _element_seeds(seed, host))
+    data = data.map(
+        lambda pair, seed_: per_image(*pair, seed_),
+        num_parallel_calls=AUTOTUNE,
+    )
+    return data.batch(batch_size, drop_remainder=True)
+
+
+def _finish(data: tf.data.Dataset, seed: int | None) -> tf.data.Dataset:
+    data = data.prefetch(AUTOTUNE)
     options = tf.data.Options()
     # Seeded runs must repeat exactly; unseeded ones may reorder for speed.
     options.deterministic = seed is not None
@@ -110,12 +156,17 @@ def pretrain_input_fn(
     brightness_impl: str = "v2",
     seed: int | None = None,
     cache: bool = False,
+    batched_augment: bool = True,
 ) -> InputFn:
     """Two independently augmented views per image (paper Sec. 2.1).
 
     Per host: shard -> cache (optional) -> shuffle (GR's buffer, see
-    `shuffle_buffer_size`) -> repeat -> two `augment.simclr_augment` views,
-    each with its own stateless seed -> batch (drop_remainder) -> prefetch.
+    `shuffle_buffer_size`) -> repeat -> batch (drop_remainder) -> two
+    `augment.simclr_augment_batch` views, each image and view with its own
+    stateless seed -> prefetch. With batched_augment=False (or images of
+    varying size) each image is augmented by `augment.simclr_augment`
+    before batching instead: the same seeds, so the same values up to
+    float32 summation order (< 1e-5).
 
     Args:
       source: the training split.
@@ -129,37 +180,55 @@ def pretrain_input_fn(
         every augmentation) given the same TF global seed, which tf.data's
         shuffle mixes in; None is non-deterministic and faster.
       cache: cache the decoded uint8 images in memory after the first pass.
+      batched_augment: augment whole batches (fast) rather than images.
 
     Returns:
       input_fn(input_context) -> infinite dataset of dicts: "view1", "view2"
       [b, S, S, C] float32 in [0, 1] and "label" [b] int64, with
       b = the per-replica batch size.
     """
+    options = {
+        "color_jitter_strength": color_jitter_strength,
+        "blur": blur,
+        "brightness_impl": brightness_impl,
+    }
 
     def two_views(image: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor):
-        seed1, seed2 = tf.unstack(
-            tf.random.experimental.stateless_split(seed_, 2)
-        )
+        seeds = tf.random.experimental.stateless_split(seed_, 2)
         views = [
-            augment.simclr_augment(
-                image,
-                image_size,
-                color_jitter_strength=color_jitter_strength,
-                blur=blur,
-                brightness_impl=brightness_impl,
-                seed=view_seed,
-            )
-            for view_seed in (seed1, seed2)
+            augment.simclr_augment(image, image_size, seed=view_seed, **options)
+            for view_seed in tf.unstack(seeds)
         ]
         return {"view1": views[0], "view2": views[1], "label": label}
 
+    def two_views_batch(images: tf.Tensor, labels: tf.Tensor, seeds: tf.Tensor):
+        # Image i's view seeds are stateless_split(seeds[i], 2), as above;
+        # both views go through one call on a batch of 2b.
+        seeds = random_ops.stateless_split(seeds, 2)
+        views = augment.simclr_augment_batch(
+            tf.concat([images, images], axis=0),
+            image_size,
+            seeds=tf.concat([seeds[:, 0], seeds[:, 1]], axis=0),
+            **options,
+        )
+        view1, view2 = tf.split(views, 2, axis=0)
+        return {"view1": view1, "view2": view2, "label": labels}
+
     def input_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = input_context.get_per_replica_batch_size(global_batch_size)
-        data = _training_examples(
+        examples = _training_examples(
             source, input_context, batch, image_size, seed, cache
         )
-        data = data.map(two_views, num_parallel_calls=AUTOTUNE)
-        return _finish(data, batch, seed)
+        host = input_context.input_pipeline_id
+        data = _augment_and_batch(
+            examples,
+            batch,
+            seed,
+            host,
+            (two_views, two_views_batch),
+            batched_augment,
+        )
+        return _finish(data, seed)
 
     return input_fn
 
@@ -171,12 +240,14 @@ def finetune_input_fn(
     image_size: int,
     seed: int | None = None,
     cache: bool = False,
+    batched_augment: bool = True,
 ) -> InputFn:
     """One crop + flip view per image, for fine-tuning and linear eval.
 
     The same pipeline as `pretrain_input_fn` with
     `augment.simclr_augment(..., color_distort=False, blur=False)` (paper
-    App. B.6: no colour distortion or blur outside pretraining).
+    App. B.6: no colour distortion or blur outside pretraining), batched
+    as there.
 
     Args:
       source: the training split.
@@ -184,30 +255,43 @@ def finetune_input_fn(
       image_size: S, output side in pixels.
       seed: with an int the pipeline is deterministic; None is not.
       cache: cache the decoded uint8 images in memory.
+      batched_augment: augment whole batches (fast) rather than images.
 
     Returns:
       input_fn(input_context) -> infinite dataset of dicts: "image"
       [b, S, S, C] float32 in [0, 1] and "label" [b] int64.
     """
+    options = {
+        "color_jitter_strength": 0.0,  # unused without colour distortion
+        "blur": False,
+        "color_distort": False,
+    }
 
     def one_view(image: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor):
-        view = augment.simclr_augment(
-            image,
-            image_size,
-            color_jitter_strength=0.0,  # unused without colour distortion
-            blur=False,
-            seed=seed_,
-            color_distort=False,
-        )
+        view = augment.simclr_augment(image, image_size, seed=seed_, **options)
         return {"image": view, "label": label}
+
+    def one_view_batch(images: tf.Tensor, labels: tf.Tensor, seeds: tf.Tensor):
+        views = augment.simclr_augment_batch(
+            images, image_size, seeds=seeds, **options
+        )
+        return {"image": views, "label": labels}
 
     def input_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = input_context.get_per_replica_batch_size(global_batch_size)
-        data = _training_examples(
+        examples = _training_examples(
             source, input_context, batch, image_size, seed, cache
         )
-        data = data.map(one_view, num_parallel_calls=AUTOTUNE)
-        return _finish(data, batch, seed)
+        host = input_context.input_pipeline_id
+        data = _augment_and_batch(
+            examples,
+            batch,
+            seed,
+            host,
+            (one_view, one_view_batch),
+            batched_augment,
+        )
+        return _finish(data, seed)
 
     return input_fn
 
