@@ -63,6 +63,7 @@ def run(config: config_lib.Config) -> dict[str, object]:
     if "metrics" in summary:
         result.update({f"train/{k}": v for k, v in summary["metrics"].items()})
         result["train/images_per_second"] = summary["images_per_second"]
+        result["train/seconds"] = summary["train_seconds"]
     chief = runtime.is_chief(state.strategy)
     if mode in ("eval", "train_then_eval"):
         result.update(linear_protocol.run_linear_eval(config, state))

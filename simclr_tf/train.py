@@ -488,11 +488,17 @@ def _loop(
     train_loop: Callable[[object, tf.Tensor], dict[str, tf.Tensor]],
     writer: tf.summary.SummaryWriter | None,
 ) -> dict[str, object]:
-    """Runs loops until total_steps; returns the last loop's report."""
+    """Runs loops until total_steps.
+
+    Returns:
+      {"metrics": the last loop's mean metrics, "images_per_second": the
+      mean over all loops but the first (which includes compiling)}.
+    """
     schedule = state.schedule
+    batch = config.train.train_batch_size
     step = int(state.optimizer.iterations.numpy())
-    report: dict[str, object] = {}
-    first = True
+    metrics: dict[str, float] = {}
+    timed_images, timed_seconds, first = 0, 0.0, True
     while step < schedule.total_steps:
         steps = _steps_until_boundary(step, schedule)
         started = time.time()
@@ -506,33 +512,34 @@ def _loop(
                 "first loop (includes tracing and compiling) took %.1f s",
                 seconds,
             )
-        report = {
-            "metrics": metrics,
-            "images_per_second": steps
-            * config.train.train_batch_size
-            / max(seconds, 1e-9),
-        }
+        else:
+            timed_images, timed_seconds = (
+                timed_images + steps * batch,
+                timed_seconds + seconds,
+            )
+        images_per_second = steps * batch / max(seconds, 1e-9)
         learning_rate = float(
-            state.optimizer.learning_rate.numpy()
-            if hasattr(state.optimizer.learning_rate, "numpy")
-            else state.optimizer.learning_rate
+            keras.ops.convert_to_numpy(state.optimizer.learning_rate)
         )
         _log_progress(
             step,
             schedule.total_steps,
             metrics,
             learning_rate,
-            report["images_per_second"],
+            images_per_second,
             seconds / steps,
             compile_loop=first,
         )
-        _write_scalars(
-            writer, step, metrics, learning_rate, report["images_per_second"]
-        )
+        _write_scalars(writer, step, metrics, learning_rate, images_per_second)
         first = False
         if is_due(step, schedule.checkpoint_every, schedule.total_steps):
             state.manager.save(checkpoint_number=step)
-    return report
+    if timed_seconds == 0.0 and metrics:
+        timed_images, timed_seconds = steps * batch, seconds
+    return {
+        "metrics": metrics,
+        "images_per_second": timed_images / max(timed_seconds, 1e-9),
+    }
 
 
 def _steps_until_boundary(step: int, schedule: Schedule) -> int:
