@@ -55,6 +55,11 @@ def run(config: config_lib.Config) -> dict[str, object]:
     else:
         summary = train.restore_for_eval(config)
     state = summary["state"]
+    if summary.get("preempted"):
+        return {
+            "step": int(state.optimizer.iterations.numpy()),
+            "preempted": True,
+        }
     result: dict[str, object] = {
         "step": int(state.optimizer.iterations.numpy()),
         "config": config.to_dict(),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
+import threading
 
 import keras
 import tensorflow as tf
@@ -166,3 +168,34 @@ def log_start(strategy: tf.distribute.Strategy, global_batch: int) -> None:
         global_batch,
         global_batch // info["replicas"],
     )
+
+
+class PreemptionWatcher:
+    """Records SIGTERM (what TPU VMs and spot machines send) instead of dying.
+
+    Used as a context manager around the training loop, which checks
+    `requested` at every loop boundary, saves a checkpoint and returns; the
+    same command then resumes from it. Python runs signal handlers only
+    between bytecodes, so the request is seen when the current loop of
+    --steps_per_loop steps returns.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: object = None
+
+    def __enter__(self) -> PreemptionWatcher:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        del signum, frame
+        logging.warning(
+            "SIGTERM received: saving a checkpoint at the end of this loop"
+        )
+        self.requested = True

@@ -299,6 +299,18 @@ def setup_run(config: config_lib.Config) -> tf.distribute.Strategy:
     check_batch_divides(
         config.train.train_batch_size, strategy.num_replicas_in_sync
     )
+    if (
+        config.runtime.jit_compile
+        and strategy.num_replicas_in_sync > 1
+        and not tf.config.list_physical_devices("GPU")
+        and runtime.resolve_strategy_name(config.runtime) != "tpu"
+    ):
+        raise ValueError(
+            "--jit_compile with several CPU replicas fails in TensorFlow "
+            "(each replica's variables live on another device); use one "
+            "replica (--strategy=default) to test XLA on a CPU. TPUStrategy "
+            "compiles with XLA by itself."
+        )
     runtime.log_start(strategy, config.train.train_batch_size)
     logging.info(
         "precision %s, jit_compile %s", precision, config.runtime.jit_compile
@@ -427,8 +439,10 @@ def run_training(config: config_lib.Config) -> dict[str, object]:
         ),
     )
     writer = _summary_writer(config.model_dir, chief)
-    last = _loop(config, state, iterator, train_loop, writer)
+    with runtime.PreemptionWatcher() as preemption:
+        last = _loop(config, state, iterator, train_loop, writer, preemption)
     return {
+        "preempted": last["preempted"],
         "step": int(state.optimizer.iterations.numpy()),
         "metrics": last.get("metrics", {}),
         "images_per_second": last.get("images_per_second", 0.0),
@@ -487,12 +501,14 @@ def _loop(
     iterator: object,
     train_loop: Callable[[object, tf.Tensor], dict[str, tf.Tensor]],
     writer: tf.summary.SummaryWriter | None,
+    preemption: runtime.PreemptionWatcher,
 ) -> dict[str, object]:
-    """Runs loops until total_steps.
+    """Runs loops until total_steps, or until SIGTERM asks to stop.
 
     Returns:
       {"metrics": the last loop's mean metrics, "images_per_second": the
-      mean over all loops but the first (which includes compiling)}.
+      mean over all loops but the first (which includes compiling),
+      "preempted": whether SIGTERM stopped the run (after a checkpoint)}.
     """
     schedule = state.schedule
     batch = config.train.train_batch_size
@@ -532,6 +548,16 @@ def _loop(
         )
         _write_scalars(writer, step, metrics, learning_rate, images_per_second)
         first = False
+        if preemption.requested:
+            state.manager.save(checkpoint_number=step)
+            logging.warning(
+                "preempted: saved %s at step %d/%d; run the same command to "
+                "resume",
+                state.manager.latest_checkpoint,
+                step,
+                schedule.total_steps,
+            )
+            break
         if is_due(step, schedule.checkpoint_every, schedule.total_steps):
             state.manager.save(checkpoint_number=step)
     if timed_seconds == 0.0 and metrics:
@@ -539,6 +565,7 @@ def _loop(
     return {
         "metrics": metrics,
         "images_per_second": timed_images / max(timed_seconds, 1e-9),
+        "preempted": preemption.requested,
     }
 
 
