@@ -45,7 +45,7 @@ def run(config: config_lib.Config) -> dict[str, object]:
       train_then_eval and eval).
     """
     # Imported here so that `--helpfull` and flag errors stay fast.
-    from simclr_tf import export, linear_protocol, runtime, train
+    from simclr_tf import export, linear_protocol, reporting, runtime, train
 
     mode = config.train.mode
     started = time.time()
@@ -84,7 +84,7 @@ def run(config: config_lib.Config) -> dict[str, object]:
         logging.info("exported SavedModel to %s", path)
     result["wall_seconds"] = time.time() - started
     if chief and mode != "export":
-        path = train.write_result(config.model_dir, result)
+        path = reporting.write_result(config.model_dir, result)
         logging.info("wrote %s", path)
         if "eval/top_1" in result:
             print(format_table(result), flush=True)

@@ -10,20 +10,16 @@ and export live in evaluate.py and export.py; cli.py chains them.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from simclr_tf import config as config_lib
-from simclr_tf import losses, optim, runtime
+from simclr_tf import losses, optim, reporting, runtime
 from simclr_tf.data import pipeline, sources
 from simclr_tf.models import simclr
 
@@ -422,8 +418,8 @@ def run_training(config: config_lib.Config) -> dict[str, object]:
     state = build_state(config, strategy, source)
     chief = runtime.is_chief(strategy)
     if chief:
-        _write_config(config)
-    _log_plan(config, state, source)
+        reporting.write_config(config)
+    reporting.log_plan(config, state, source)
     iterator = iter(
         strategy.distribute_datasets_from_function(
             _pretrain_input_fn(config, source)
@@ -438,7 +434,7 @@ def run_training(config: config_lib.Config) -> dict[str, object]:
             strategy.num_replicas_in_sync,
         ),
     )
-    writer = _summary_writer(config.model_dir, chief)
+    writer = reporting.summary_writer(config.model_dir, chief)
     with runtime.PreemptionWatcher() as preemption:
         last = _loop(config, state, iterator, train_loop, writer, preemption)
     return {
@@ -537,7 +533,7 @@ def _loop(
         learning_rate = float(
             keras.ops.convert_to_numpy(state.optimizer.learning_rate)
         )
-        _log_progress(
+        reporting.log_progress(
             step,
             schedule.total_steps,
             metrics,
@@ -546,7 +542,9 @@ def _loop(
             seconds / steps,
             compile_loop=first,
         )
-        _write_scalars(writer, step, metrics, learning_rate, images_per_second)
+        reporting.write_scalars(
+            writer, step, metrics, learning_rate, images_per_second
+        )
         first = False
         if preemption.requested:
             state.manager.save(checkpoint_number=step)
@@ -593,94 +591,3 @@ def _check_finite(
         f"check the input data, or use --precision=float32, then rerun the "
         f"same command to resume from that checkpoint."
     )
-
-
-def _log_progress(
-    step: int,
-    total: int,
-    metrics: Mapping[str, float],
-    learning_rate: float,
-    images_per_second: float,
-    seconds_per_step: float,
-    *,
-    compile_loop: bool,
-) -> None:
-    eta = datetime.timedelta(seconds=round((total - step) * seconds_per_step))
-    line = (
-        f"step {step}/{total} ({100 * step / total:.0f}%) "
-        f"loss {metrics['contrast_loss']:.4f} "
-        f"contrast_acc {metrics['contrast_acc']:.3f}"
-    )
-    if "supervised_acc" in metrics:
-        line += f" supervised_acc {metrics['supervised_acc']:.3f}"
-    line += f" lr {learning_rate:.4g} {images_per_second:.0f} img/s"
-    line += " (incl. compile)" if compile_loop else f" eta {eta}"
-    logging.info(line)
-
-
-def _summary_writer(
-    model_dir: str, chief: bool
-) -> tf.summary.SummaryWriter | None:
-    if not chief:
-        return None
-    return tf.summary.create_file_writer(os.path.join(model_dir, "train"))
-
-
-def _write_scalars(
-    writer: tf.summary.SummaryWriter | None,
-    step: int,
-    metrics: Mapping[str, float],
-    learning_rate: float,
-    images_per_second: float,
-) -> None:
-    if writer is None:
-        return
-    with writer.as_default(step=step):
-        for name, value in metrics.items():
-            tf.summary.scalar(f"train/{name}", value)
-        tf.summary.scalar("train/learning_rate", learning_rate)
-        tf.summary.scalar("train/images_per_second", images_per_second)
-    writer.flush()
-
-
-def _write_config(config: config_lib.Config) -> None:
-    os.makedirs(config.model_dir, exist_ok=True)
-    with open(os.path.join(config.model_dir, "config.json"), "w") as file:
-        file.write(config.to_json())
-
-
-def _log_plan(
-    config: config_lib.Config, state: TrainState, source: sources.Source
-) -> None:
-    schedule = state.schedule
-    parameters = int(
-        sum(np.prod(v.shape) for v in state.model.trainable_variables)
-    )
-    logging.info(
-        "dataset %s/%s: %d images %s, %d classes; %d steps (%.2f epochs, "
-        "%d per epoch), warm-up %d, checkpoint every %d; %s trainable "
-        "parameters; model_dir %s",
-        source.name,
-        config.data.train_split,
-        source.num_examples,
-        source.image_shape,
-        source.num_classes,
-        schedule.total_steps,
-        schedule.total_steps / max(1, schedule.steps_per_epoch),
-        schedule.steps_per_epoch,
-        schedule.warmup_steps,
-        schedule.checkpoint_every,
-        f"{parameters:,}",
-        config.model_dir,
-    )
-    logging.info("config:\n%s", config.to_json())
-
-
-def write_result(model_dir: str, result: Mapping[str, object]) -> str:
-    """Writes model_dir/result.json atomically and returns its path."""
-    path = os.path.join(model_dir, "result.json")
-    temporary = path + ".tmp"
-    with open(temporary, "w") as file:
-        json.dump(result, file, indent=2, sort_keys=True, default=str)
-    os.replace(temporary, path)
-    return path

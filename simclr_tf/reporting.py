@@ -1,0 +1,114 @@
+"""Run reporting: console progress lines, TensorBoard scalars, config.json,
+result.json. Only the chief calls the writers; nothing here trains.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from simclr_tf import config as config_lib
+from simclr_tf.data import sources
+
+if TYPE_CHECKING:
+    from simclr_tf import train
+
+
+def log_progress(
+    step: int,
+    total: int,
+    metrics: Mapping[str, float],
+    learning_rate: float,
+    images_per_second: float,
+    seconds_per_step: float,
+    *,
+    compile_loop: bool,
+) -> None:
+    eta = datetime.timedelta(seconds=round((total - step) * seconds_per_step))
+    line = (
+        f"step {step}/{total} ({100 * step / total:.0f}%) "
+        f"loss {metrics['contrast_loss']:.4f} "
+        f"contrast_acc {metrics['contrast_acc']:.3f}"
+    )
+    if "supervised_acc" in metrics:
+        line += f" supervised_acc {metrics['supervised_acc']:.3f}"
+    line += f" lr {learning_rate:.4g} {images_per_second:.0f} img/s"
+    line += " (incl. compile)" if compile_loop else f" eta {eta}"
+    logging.info(line)
+
+
+def summary_writer(
+    model_dir: str, chief: bool
+) -> tf.summary.SummaryWriter | None:
+    if not chief:
+        return None
+    return tf.summary.create_file_writer(os.path.join(model_dir, "train"))
+
+
+def write_scalars(
+    writer: tf.summary.SummaryWriter | None,
+    step: int,
+    metrics: Mapping[str, float],
+    learning_rate: float,
+    images_per_second: float,
+) -> None:
+    if writer is None:
+        return
+    with writer.as_default(step=step):
+        for name, value in metrics.items():
+            tf.summary.scalar(f"train/{name}", value)
+        tf.summary.scalar("train/learning_rate", learning_rate)
+        tf.summary.scalar("train/images_per_second", images_per_second)
+    writer.flush()
+
+
+def write_config(config: config_lib.Config) -> None:
+    os.makedirs(config.model_dir, exist_ok=True)
+    with open(os.path.join(config.model_dir, "config.json"), "w") as file:
+        file.write(config.to_json())
+
+
+def log_plan(
+    config: config_lib.Config,
+    state: train.TrainState,
+    source: sources.Source,
+) -> None:
+    schedule = state.schedule
+    parameters = int(
+        sum(np.prod(v.shape) for v in state.model.trainable_variables)
+    )
+    logging.info(
+        "dataset %s/%s: %d images %s, %d classes; %d steps (%.2f epochs, "
+        "%d per epoch), warm-up %d, checkpoint every %d; %s trainable "
+        "parameters; model_dir %s",
+        source.name,
+        config.data.train_split,
+        source.num_examples,
+        source.image_shape,
+        source.num_classes,
+        schedule.total_steps,
+        schedule.total_steps / max(1, schedule.steps_per_epoch),
+        schedule.steps_per_epoch,
+        schedule.warmup_steps,
+        schedule.checkpoint_every,
+        f"{parameters:,}",
+        config.model_dir,
+    )
+    logging.info("config:\n%s", config.to_json())
+
+
+def write_result(model_dir: str, result: Mapping[str, object]) -> str:
+    """Writes model_dir/result.json atomically and returns its path."""
+    path = os.path.join(model_dir, "result.json")
+    temporary = path + ".tmp"
+    with open(temporary, "w") as file:
+        json.dump(result, file, indent=2, sort_keys=True, default=str)
+    os.replace(temporary, path)
+    return path
