@@ -244,8 +244,15 @@ def make_train_step(
         optimizer.apply_gradients(zip(gradients, variables, strict=True))
         return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
 
+    names = ["contrast_acc", "contrast_entropy", "contrast_loss"]
+    if model.supervised_head is not None:
+        names += ["supervised_loss", "supervised_acc"]
+    names += ["weight_decay", "total_loss"]
     if config.runtime.jit_compile:
-        return tf.function(step, jit_compile=True)
+        step = tf.function(step, jit_compile=True)
+    # The loop needs the names up front to start its sums at zero (tracing
+    # the step once more to learn them would double the compile time).
+    step.metric_names = tuple(names)
     return step
 
 
@@ -258,13 +265,15 @@ def make_train_loop(
     strategy: tf.distribute.Strategy,
     step: Callable[[Mapping[str, tf.Tensor]], dict[str, tf.Tensor]],
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
-    """One tf.function running `steps` replica steps; returns mean metrics."""
+    """One tf.function running `steps` replica steps; returns mean metrics.
+
+    `step` is what make_train_step returns (it carries `metric_names`).
+    """
 
     @tf.function
     def train_loop(iterator: object, steps: tf.Tensor) -> dict:
-        per_replica = strategy.run(step, (next(iterator),))
-        totals = _reduce_mean(strategy, per_replica)
-        for _ in tf.range(steps - 1):
+        totals = {name: tf.constant(0.0) for name in step.metric_names}
+        for _ in tf.range(steps):
             per_replica = strategy.run(step, (next(iterator),))
             metrics = _reduce_mean(strategy, per_replica)
             totals = {k: totals[k] + metrics[k] for k in totals}
