@@ -214,23 +214,15 @@ def pretrain_input_fn(
         view1, view2 = tf.split(views, 2, axis=0)
         return {"view1": view1, "view2": view2, "label": labels}
 
-    def input_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
-        batch = input_context.get_per_replica_batch_size(global_batch_size)
-        examples = _training_examples(
-            source, input_context, batch, image_size, seed, cache
-        )
-        host = input_context.input_pipeline_id
-        data = _augment_and_batch(
-            examples,
-            batch,
-            seed,
-            host,
-            (two_views, two_views_batch),
-            batched_augment,
-        )
-        return _finish(data, seed)
-
-    return input_fn
+    return _training_input_fn(
+        source,
+        global_batch_size,
+        image_size,
+        seed,
+        cache,
+        (two_views, two_views_batch),
+        batched_augment,
+    )
 
 
 def finetune_input_fn(
@@ -277,18 +269,42 @@ def finetune_input_fn(
         )
         return {"image": views, "label": labels}
 
+    return _training_input_fn(
+        source,
+        global_batch_size,
+        image_size,
+        seed,
+        cache,
+        (one_view, one_view_batch),
+        batched_augment,
+    )
+
+
+def _training_input_fn(
+    source: sources.Source,
+    global_batch_size: int,
+    image_size: int,
+    seed: int | None,
+    cache: bool,
+    augmenters: tuple[Callable[..., dict], Callable[..., dict]],
+    batched_augment: bool,
+) -> InputFn:
+    """The input_fn shared by pretraining and fine-tuning pipelines.
+
+    augmenters: (per-example, per-batch) functions making the views.
+    """
+
     def input_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = input_context.get_per_replica_batch_size(global_batch_size)
         examples = _training_examples(
             source, input_context, batch, image_size, seed, cache
         )
-        host = input_context.input_pipeline_id
         data = _augment_and_batch(
             examples,
             batch,
             seed,
-            host,
-            (one_view, one_view_batch),
+            input_context.input_pipeline_id,
+            augmenters,
             batched_augment,
         )
         return _finish(data, seed)
