@@ -39,6 +39,27 @@ TINY = {
 }
 
 
+_ENVIRONMENT = {**os.environ, "PYTHONPATH": REPOSITORY}
+
+
+def _train_command(
+    model_dir: str, *, train_steps: int, checkpoint_steps: int
+) -> list[str]:
+    """`python -m simclr_tf` training the TINY config in 5-step loops."""
+    return [
+        sys.executable,
+        "-m",
+        "simclr_tf",
+        f"--model_dir={model_dir}",
+        "--mode=train",
+        f"--train_steps={train_steps}",
+        f"--checkpoint_steps={checkpoint_steps}",
+        "--steps_per_loop=5",
+        "--strategy=default",
+        *[f"--{k}={v}" for k, v in TINY.items()],
+    ]
+
+
 def _tiny_config(model_dir: str, **changes) -> config_lib.Config:
     return config_lib.validate(
         config_lib.from_dict({**TINY, "model_dir": model_dir, **changes})
@@ -185,22 +206,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_killed_run_resumes_at_saved_step(tmp_path):
     """SIGKILL mid-run, then the same command continues from its checkpoint."""
     model_dir = str(tmp_path / "run")
-    command = [
-        sys.executable,
-        "-m",
-        "simclr_tf",
-        f"--model_dir={model_dir}",
-        "--mode=train",
-        "--train_steps=300",
-        "--checkpoint_steps=5",
-        "--steps_per_loop=5",
-        "--strategy=default",
-        *[f"--{k}={v}" for k, v in TINY.items()],
-    ]
-    environment = {**os.environ, "PYTHONPATH": REPOSITORY}
+    command = _train_command(model_dir, train_steps=300, checkpoint_steps=5)
     process = subprocess.Popen(
         command,
-        env=environment,
+        env=_ENVIRONMENT,
         cwd=REPOSITORY,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -216,7 +225,7 @@ def test_killed_run_resumes_at_saved_step(tmp_path):
     assert 5 <= killed_at < 300
     resumed = subprocess.run(
         command,
-        env=environment,
+        env=_ENVIRONMENT,
         cwd=REPOSITORY,
         capture_output=True,
         text=True,
@@ -279,22 +288,10 @@ def test_jit_compiled_step_matches_plain_step():
 
 def test_sigterm_saves_checkpoint_and_the_same_command_resumes(tmp_path):
     model_dir = str(tmp_path / "run")
-    command = [
-        sys.executable,
-        "-m",
-        "simclr_tf",
-        f"--model_dir={model_dir}",
-        "--mode=train",
-        "--train_steps=200",
-        "--checkpoint_steps=1000",
-        "--steps_per_loop=5",
-        "--strategy=default",
-        *[f"--{k}={v}" for k, v in TINY.items()],
-    ]
-    environment = {**os.environ, "PYTHONPATH": REPOSITORY}
+    command = _train_command(model_dir, train_steps=200, checkpoint_steps=1000)
     process = subprocess.Popen(
         command,
-        env=environment,
+        env=_ENVIRONMENT,
         cwd=REPOSITORY,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -314,7 +311,7 @@ def test_sigterm_saves_checkpoint_and_the_same_command_resumes(tmp_path):
     assert 5 <= saved_step < 200 and saved_step % 5 == 0
     resumed = subprocess.run(
         command,
-        env=environment,
+        env=_ENVIRONMENT,
         cwd=REPOSITORY,
         capture_output=True,
         text=True,
