@@ -72,16 +72,20 @@ def run(config: config_lib.Config) -> dict[str, object]:
     chief = runtime.is_chief(state.strategy)
     if mode in ("eval", "train_then_eval"):
         result.update(linear_protocol.run_linear_eval(config, state))
-    if chief and mode in ("export", "train_then_eval"):
+    if mode in ("export", "train_then_eval"):
+        # Every worker exports (saving may run collectives); only the
+        # chief's copy is kept.
         path = export.export_saved_model(
             state.model,
-            config.model_dir,
+            runtime.write_dir(state.strategy, config.model_dir),
             result["step"],
             image_shape=state.image_shape,
             keep_max=config.export.keep_hub_module_max,
         )
-        result["export_path"] = path
-        logging.info("exported SavedModel to %s", path)
+        runtime.discard_scratch(state.strategy, config.model_dir)
+        if chief:
+            result["export_path"] = path
+            logging.info("exported SavedModel to %s", path)
     result["wall_seconds"] = time.time() - started
     if chief and mode != "export":
         path = reporting.write_result(config.model_dir, result)

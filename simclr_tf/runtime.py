@@ -7,6 +7,7 @@ the same code under whatever tf.distribute.Strategy this returns.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import threading
@@ -55,15 +56,18 @@ def tpu_present(runtime: config_lib.Runtime) -> bool:
 
 
 def resolve_strategy_name(runtime: config_lib.Runtime) -> str:
-    """Resolves --strategy=auto to default, mirrored or tpu.
+    """Resolves --strategy=auto to default, mirrored, multi_worker or tpu.
 
-    auto: TPU when --use_tpu/--tpu_name or a TPU VM is present, mirrored over
-    all GPUs (or virtual CPUs) when there are any, else the default strategy.
+    auto: TPU when --use_tpu/--tpu_name or a TPU VM is present, multi_worker
+    when TF_CONFIG names more than one task, mirrored over all GPUs (or
+    virtual CPUs) when there are any, else the default strategy.
     """
     if runtime.strategy != "auto":
         return runtime.strategy
     if tpu_present(runtime):
         return "tpu"
+    if cluster_size() > 1:
+        return "multi_worker"
     if tf.config.list_physical_devices("GPU") or runtime.num_virtual_cpus > 1:
         return "mirrored"
     return "default"
@@ -91,13 +95,43 @@ def make_strategy(runtime: config_lib.Runtime) -> tf.distribute.Strategy:
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-        tpu=runtime.tpu_name or "",
+        tpu=_tpu_address(runtime),
         zone=runtime.tpu_zone,
         project=runtime.gcp_project,
     )
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
+
+
+def _tpu_address(runtime: config_lib.Runtime) -> str:
+    """--tpu_name, else "local" on a TPU VM, else "" (TPU_NAME decides)."""
+    if runtime.tpu_name:
+        return runtime.tpu_name
+    if glob.glob("/dev/accel*") and "TPU_NAME" not in os.environ:
+        return "local"
+    return ""
+
+
+def cluster_size() -> int:
+    """Number of tasks (chief and workers) TF_CONFIG names; 0 without it.
+
+    Raises:
+      ValueError: TF_CONFIG is set but is not JSON with a "cluster" dict.
+    """
+    text = os.environ.get("TF_CONFIG", "")
+    if not text:
+        return 0
+    try:
+        cluster = json.loads(text)["cluster"]
+        return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"TF_CONFIG={text[:200]!r} is not valid: it must be JSON like "
+            '{"cluster": {"worker": ["host0:port", "host1:port"]}, '
+            '"task": {"type": "worker", "index": 0}}; unset it to train on '
+            "one machine."
+        ) from error
 
 
 def resolve_precision(precision: str, strategy_name: str) -> str:
@@ -154,6 +188,28 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
         and task_id == 0
         and "chief" not in resolver.cluster_spec().as_dict()
     )
+
+
+def write_dir(strategy: tf.distribute.Strategy, model_dir: str) -> str:
+    """Where this process writes checkpoints and exports.
+
+    Under MultiWorkerMirroredStrategy every worker must take part in saving
+    (saving may run collectives), but only the chief's files are kept:
+    the chief writes to `model_dir`, the others to a scratch directory
+    inside it which the caller removes after each save (`discard_scratch`).
+    """
+    if is_chief(strategy):
+        return model_dir
+    task_id = strategy.cluster_resolver.task_id
+    return os.path.join(model_dir, f"worker_scratch_{task_id}")
+
+
+def discard_scratch(strategy: tf.distribute.Strategy, model_dir: str) -> None:
+    """Deletes a non-chief worker's scratch directory (no-op on the chief)."""
+    if not is_chief(strategy):
+        path = write_dir(strategy, model_dir)
+        if tf.io.gfile.exists(path):
+            tf.io.gfile.rmtree(path)
 
 
 def log_start(strategy: tf.distribute.Strategy, global_batch: int) -> None:

@@ -361,7 +361,7 @@ def build_state(
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
         manager = tf.train.CheckpointManager(
             checkpoint,
-            directory=config.model_dir,
+            directory=runtime.write_dir(strategy, config.model_dir),
             max_to_keep=config.train.keep_checkpoint_max,
             step_counter=optimizer.iterations,
         )
@@ -382,19 +382,19 @@ def _restore_or_initialize(
     manager: tf.train.CheckpointManager,
     model: keras.Model,
 ) -> None:
-    if manager.latest_checkpoint:
+    # Every worker restores the chief's latest checkpoint.
+    latest = tf.train.latest_checkpoint(config.model_dir)
+    if latest:
         try:
-            manager.checkpoint.restore(
-                manager.latest_checkpoint
-            ).assert_existing_objects_matched()
+            manager.checkpoint.restore(latest).assert_existing_objects_matched()
         except (AssertionError, ValueError) as error:
             raise ValueError(
                 f"--model_dir={config.model_dir} holds a checkpoint "
-                f"({manager.latest_checkpoint}) that does not match this "
+                f"({latest}) that does not match this "
                 f"model: {str(error)[:300]}. Use a new --model_dir, or the "
                 f"flags in {config.model_dir}/config.json to resume it."
             ) from error
-        logging.info("resumed from %s", manager.latest_checkpoint)
+        logging.info("resumed from %s", latest)
     elif config.train.checkpoint:
         # GR's --checkpoint: initialise weights only, step count from 0.
         tf.train.Checkpoint(model=model).read(
@@ -520,6 +520,7 @@ def _loop(
     step = int(state.optimizer.iterations.numpy())
     metrics: dict[str, float] = {}
     timed_images, timed_seconds, first = 0, 0.0, True
+    preempted = False
     while step < schedule.total_steps:
         steps = _steps_until_boundary(step, schedule)
         started = time.time()
@@ -555,8 +556,9 @@ def _loop(
             writer, step, metrics, learning_rate, images_per_second
         )
         first = False
-        if preemption.requested:
-            state.manager.save(checkpoint_number=step)
+        preempted = _stop_requested(state.strategy, preemption)
+        if preempted:
+            _save(config, state, step)
             logging.warning(
                 "preempted: saved %s at step %d/%d; run the same command to "
                 "resume",
@@ -566,14 +568,40 @@ def _loop(
             )
             break
         if is_due(step, schedule.checkpoint_every, schedule.total_steps):
-            state.manager.save(checkpoint_number=step)
+            _save(config, state, step)
     if timed_seconds == 0.0 and metrics:
         timed_images, timed_seconds = steps * batch, seconds
     return {
         "metrics": metrics,
         "images_per_second": timed_images / max(timed_seconds, 1e-9),
-        "preempted": preemption.requested,
+        "preempted": preempted,
     }
+
+
+def _save(config: config_lib.Config, state: TrainState, step: int) -> None:
+    """Saves a checkpoint; non-chief workers save to scratch and drop it."""
+    state.manager.save(checkpoint_number=step)
+    runtime.discard_scratch(state.strategy, config.model_dir)
+
+
+def _stop_requested(
+    strategy: tf.distribute.Strategy, preemption: runtime.PreemptionWatcher
+) -> bool:
+    """Whether any worker got SIGTERM; all workers must stop together.
+
+    With several workers the flag is summed across them (one scalar
+    all-reduce per loop), so that every worker saves at the same step
+    rather than one waiting forever in a collective the others skip.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return preemption.requested
+    flag = tf.constant(float(preemption.requested))
+    total = strategy.reduce(
+        tf.distribute.ReduceOp.SUM,
+        strategy.run(lambda: tf.identity(flag)),
+        axis=None,
+    )
+    return bool(total.numpy() > 0)
 
 
 def _steps_until_boundary(step: int, schedule: Schedule) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import tensorflow as tf
 
@@ -67,3 +69,39 @@ def test_cpu_has_bf16_reads_cpuinfo():
 def test_default_strategy_is_the_chief():
     assert runtime.is_chief(tf.distribute.get_strategy())
     assert runtime.describe(tf.distribute.get_strategy())["replicas"] == 1
+
+
+def test_auto_strategy_is_multi_worker_when_tf_config_names_two(monkeypatch):
+    monkeypatch.setattr(runtime, "tpu_present", lambda _: False)
+    cluster = {"worker": ["127.0.0.1:2000", "127.0.0.1:2001"]}
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": cluster, "task": {"index": 1}})
+    )
+    assert runtime.cluster_size() == 2
+    assert runtime.resolve_strategy_name(_runtime()) == "multi_worker"
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": {"worker": cluster["worker"][:1]}})
+    )
+    assert runtime.resolve_strategy_name(_runtime()) == "default"
+
+
+def test_malformed_tf_config_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", "{worker: 127.0.0.1}")
+    with pytest.raises(ValueError, match="TF_CONFIG=.*unset it"):
+        runtime.cluster_size()
+
+
+def test_chief_writes_to_model_dir_and_scratch_is_kept_out(tmp_path):
+    strategy = tf.distribute.get_strategy()
+    assert runtime.write_dir(strategy, str(tmp_path)) == str(tmp_path)
+    runtime.discard_scratch(strategy, str(tmp_path))  # chief: a no-op
+    assert tmp_path.exists()
+
+
+def test_tpu_address_is_local_on_a_tpu_vm_without_a_name(monkeypatch):
+    monkeypatch.delenv("TPU_NAME", raising=False)
+    monkeypatch.setattr(runtime.glob, "glob", lambda _: ["/dev/accel0"])
+    assert runtime._tpu_address(_runtime()) == "local"
+    assert runtime._tpu_address(_runtime(tpu_name="pod")) == "pod"
+    monkeypatch.setattr(runtime.glob, "glob", lambda _: [])
+    assert runtime._tpu_address(_runtime()) == ""

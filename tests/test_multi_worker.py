@@ -1,0 +1,174 @@
+"""Two-worker MultiWorkerMirroredStrategy run on 127.0.0.1.
+
+Two processes, each with its own TF_CONFIG, run the real `cli.run` (train
+then evaluate and export) on the synthetic dataset; each host reads its own
+input shard. Both must end at the same step with equal weights, and only the
+chief may leave files behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_DRIVER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from absl import logging
+    from simclr_tf import cli, train
+    from simclr_tf import config as config_lib
+
+    model_dir, output = sys.argv[1], sys.argv[2]
+    train_steps, mode = int(sys.argv[3]), sys.argv[4]
+    captured = {}
+    run_training = train.run_training
+
+    def recording_run_training(config):
+        summary = run_training(config)
+        captured["state"] = summary["state"]
+        return summary
+
+    train.run_training = recording_run_training
+    logging.set_verbosity(logging.INFO)
+    config = config_lib.validate(config_lib.from_dict({
+        "dataset": "synthetic", "train_split": "train", "eval_split": "test",
+        "image_size": 16, "resnet_depth": 18, "width_multiplier": 0.125,
+        "proj_out_dim": 16, "train_batch_size": 16, "temperature": 0.5,
+        "color_jitter_strength": 0.5, "use_blur": False, "warmup_epochs": 0,
+        "precision": "float32", "seed": 0, "strategy": "multi_worker",
+        "train_steps": train_steps, "steps_per_loop": 2,
+        "checkpoint_steps": 2, "mode": mode, "linear_eval_epochs": 2,
+        "max_eval_examples": 64, "eval_baselines": False,
+        "model_dir": model_dir,
+    }))
+    result = cli.run(config)
+    state = captured["state"]
+    np.savez(
+        output,
+        step=int(state.optimizer.iterations.numpy()),
+        replicas=state.strategy.num_replicas_in_sync,
+        chief_result="wall_seconds" in result and "export_path" in result,
+        **{f"w{i}": v.numpy() for i, v in enumerate(state.model.weights)},
+    )
+    """
+)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _run_workers(root, model_dir: str, train_steps: int, mode: str):
+    """Runs both workers to completion; returns their outputs and logs."""
+    driver = root / "driver.py"
+    driver.write_text(_DRIVER)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    processes, outputs = [], []
+    for index in range(2):
+        outputs.append(str(root / f"{mode}_{train_steps}_worker{index}.npz"))
+        environment = {
+            **os.environ,
+            "PYTHONPATH": REPOSITORY,
+            "TF_CONFIG": json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            ),
+        }
+        command = [sys.executable, str(driver), model_dir, outputs[-1]]
+        processes.append(
+            subprocess.Popen(
+                [*command, str(train_steps), mode],
+                env=environment,
+                cwd=REPOSITORY,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = []
+    try:
+        for process in processes:
+            # A worker whose peer never comes blocks forever: bound it.
+            logs.append(process.communicate(timeout=420)[0])
+    finally:
+        for process in processes:
+            process.kill()
+    for process, log in zip(processes, logs, strict=True):
+        assert process.returncode == 0, log[-3000:]
+    return [dict(np.load(path)) for path in outputs], logs
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    """Trains 4 steps, evaluates and exports: (model_dir, outputs, logs)."""
+    root = tmp_path_factory.mktemp("multi_worker")
+    model_dir = str(root / "run")
+    outputs, logs = _run_workers(root, model_dir, 4, "train_then_eval")
+    return model_dir, outputs, logs
+
+
+def test_workers_end_at_the_same_step_with_equal_weights(two_workers):
+    _, (chief, worker), _ = two_workers
+    assert int(chief["step"]) == int(worker["step"]) == 4
+    # One CPU replica per worker process: 2 replicas in sync in all.
+    assert int(chief["replicas"]) == int(worker["replicas"]) == 2
+    names = [key for key in chief if key.startswith("w")]
+    assert len(names) > 40  # every ResNet, head and BN variable
+    for name in names:
+        # All-reduced gradients and synchronised BN: bit-for-bit the same
+        # update on both hosts (same op order on both).
+        np.testing.assert_array_equal(chief[name], worker[name])
+
+
+def test_both_workers_resume_from_the_chiefs_checkpoint(two_workers):
+    model_dir, _, _ = two_workers
+    root = os.path.dirname(model_dir)
+    (chief, worker), logs = _run_workers(
+        pathlib.Path(root),
+        model_dir,
+        6,
+        "train",
+    )
+    for log in logs:
+        assert f"resumed from {model_dir}/ckpt-4" in log
+    assert int(chief["step"]) == int(worker["step"]) == 6
+    for name in (key for key in chief if key.startswith("w")):
+        np.testing.assert_array_equal(chief[name], worker[name])
+    assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-6")
+
+
+def test_only_the_chief_writes_files(two_workers):
+    model_dir, (chief, worker), _ = two_workers
+    assert bool(chief["chief_result"]) and not bool(worker["chief_result"])
+    leftovers = sorted(
+        name for name in os.listdir(model_dir) if "scratch" in name
+    )
+    assert leftovers == []
+    assert os.path.exists(os.path.join(model_dir, "result.json"))
+    assert os.path.exists(os.path.join(model_dir, "config.json"))
+    exports = os.listdir(os.path.join(model_dir, "saved_model"))
+    assert exports == ["4"]
+
+
+def test_start_up_log_names_two_hosts(two_workers):
+    _, _, logs = two_workers
+    for log in logs:
+        assert "2 replica(s) on 2 host(s), global batch 16" in log
+        assert "per-replica batch 8" in log
