@@ -1,0 +1,232 @@
+"""Tests of tpu/: the exact gcloud commands, their quoting, and the scripts.
+
+No TPU or gcloud is used: commands are compared with argv written by hand
+from the gcloud reference, remote scripts are run by a local bash with a
+fake python3, and the scripts run with a fake gcloud that records calls.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tpu import gcloud, remote
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZONE = "europe-west4-a"
+TRICKY_ARGS = [
+    "--flagfile=flags/imagenet.cfg",
+    "--model_dir=gs://bucket/run with space",
+    '--note=it\'s "quoted" $HOME `x` ; rm -rf /',
+]
+
+
+def _command_value(argv: list[str]) -> str:
+    (flag,) = [a for a in argv if a.startswith("--command=")]
+    return flag.removeprefix("--command=")
+
+
+def _fake_program(directory, name: str, body: str) -> None:
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_create_command_v3_8_exact_argv():
+    argv = gcloud.create_command("simclr-v3", ZONE, "v3-8")
+    assert argv == [
+        "gcloud", "compute", "tpus", "tpu-vm", "create", "simclr-v3",
+        f"--zone={ZONE}", "--accelerator-type=v3-8",
+        "--version=tpu-vm-tf-2.17.0-pjrt",
+    ]  # fmt: skip
+
+
+def test_create_command_v4_32_spot_pod_exact_argv():
+    argv = gcloud.create_command(
+        "my-pod", "us-central2-b", "v4-32", project="my-project", spot=True
+    )
+    assert argv == [
+        "gcloud", "compute", "tpus", "tpu-vm", "create", "my-pod",
+        "--zone=us-central2-b", "--project=my-project",
+        "--accelerator-type=v4-32", "--version=tpu-vm-tf-2.17.0-pod-pjrt",
+        "--spot",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "accelerator_type, hosts",
+    # Hosts from the Cloud TPU docs: 8 cores (v2-v4, v5p) or 8 chips
+    # (v5litepod) per host.
+    [("v3-8", 1), ("v3-128", 16), ("v4-8", 1), ("v4-32", 4),
+     ("v5litepod-4", 1), ("v5litepod-16", 2)],
+)  # fmt: skip
+def test_num_hosts_matches_documented_topologies(accelerator_type, hosts):
+    assert gcloud.num_hosts(accelerator_type) == hosts
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_install_commands_target_every_worker(local):
+    source = {"local_dir": "."} if local else {"git_url": "https://x/r.git"}
+    commands = gcloud.install_commands("simclr-v3", ZONE, **source)
+    assert len(commands) == (3 if local else 1)
+    assert all("--worker=all" in argv for argv in commands)
+    assert "pip install --no-deps -e ." in _command_value(commands[-1])
+
+
+def test_install_script_drops_only_the_image_pinned_packages(tmp_path):
+    script = remote.install_script("repo", requirements="requirements.txt")
+    (grep,) = [step for step in script.split(" && ") if "grep" in step]
+    output = tmp_path / "kept.txt"
+    grep = grep.replace("/tmp/simclr_tf_requirements.txt", str(output))
+    subprocess.run(["bash", "-c", grep], cwd=REPOSITORY, check=True)
+    lines = output.read_text().splitlines()
+    kept = {line.split("==")[0] for line in lines if "==" in line}
+    with open(os.path.join(REPOSITORY, "requirements.txt")) as file:
+        pinned = {line.split("==")[0] for line in file if "==" in line}
+    assert kept == pinned - {"tensorflow", "tensorboard", "numpy"}
+
+
+def test_launch_command_runs_once_on_worker_zero():
+    argv = gcloud.launch_command("my-pod", ZONE, TRICKY_ARGS, "v3-128")
+    assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-pod"]
+    assert "--worker=0" in argv and "--worker=all" not in argv
+
+
+def test_launch_command_pastes_back_to_the_same_argv():
+    argv = gcloud.launch_command("my-pod", ZONE, TRICKY_ARGS, "v3-128")
+    assert shlex.split(gcloud.format_command(argv)) == argv
+
+
+@pytest.mark.parametrize(
+    "accelerator_type, tpu_name, library",
+    [("v3-8", "local", ""), ("v3-128", "my-pod", "0")],
+)
+def test_training_script_reaches_python_unchanged(
+    tmp_path, accelerator_type, tpu_name, library
+):
+    """Runs the remote script in bash with a fake python3 that records argv."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "simclr_tf").mkdir()
+    _fake_program(
+        tmp_path / "bin",
+        "python3",
+        'printf "%s\\n" "$@" > "$HOME/argv.txt"\n'
+        'echo "library=$TPU_LOAD_LIBRARY"\n',
+    )
+    argv = gcloud.launch_command("my-pod", ZONE, TRICKY_ARGS, accelerator_type)
+    environment = {
+        "HOME": str(tmp_path),
+        "PATH": f"{tmp_path}/bin:/bin:/usr/bin",
+    }
+    subprocess.run(
+        ["bash", "-c", _command_value(argv) + " wait"],
+        env=environment,
+        cwd=tmp_path,
+        check=True,
+        timeout=10,
+    )
+    received = (tmp_path / "argv.txt").read_text().splitlines()
+    expected = ["-m", "simclr_tf", *TRICKY_ARGS, f"--tpu_name={tpu_name}"]
+    assert received == expected
+    log = tmp_path / "simclr_tf_logs" / "train.log"
+    assert log.read_text() == f"library={library}\n"
+
+
+def test_training_script_keeps_a_given_tpu_name():
+    script = remote.training_script(["--tpu_name=other"], tpu_name="local")
+    assert "--tpu_name=other" in script and "--tpu_name=local" not in script
+
+
+def test_collect_logs_commands_one_scp_per_worker():
+    commands = gcloud.collect_logs_commands("my-pod", ZONE, 3, "logs")
+    workers = [a for argv in commands for a in argv if a.startswith("--worker")]
+    assert workers == ["--worker=0", "--worker=1", "--worker=2"]
+    assert [argv[4:7] for argv in commands] == [
+        ["scp", "my-pod:simclr_tf_logs", f"logs/worker-{i}"] for i in range(3)
+    ]
+
+
+@pytest.mark.parametrize(
+    "build, argument",
+    [
+        (
+            lambda: gcloud.create_command("x", ZONE, "v3_8"),
+            "--accelerator_type",
+        ),
+        (
+            lambda: gcloud.create_command("x", ZONE, "tpu-8"),
+            "--accelerator_type",
+        ),
+        (
+            lambda: gcloud.create_command("x", ZONE, "v4-12"),
+            "--accelerator_type",
+        ),
+        (lambda: gcloud.create_command("", ZONE, "v3-8"), "--name"),
+        (lambda: gcloud.create_command("x", None, "v3-8"), "--zone"),
+        (lambda: gcloud.delete_command("x", ""), "--zone"),
+        (
+            lambda: gcloud.create_command(
+                "x", ZONE, "v3-8", spot=True, preemptible=True
+            ),
+            "--spot",
+        ),
+        (lambda: gcloud.install_commands("x", ZONE), "--git_url"),
+        (
+            lambda: gcloud.collect_logs_commands("x", ZONE, 0, "d"),
+            "--num_workers",
+        ),
+    ],
+)
+def test_invalid_inputs_raise_value_error_naming_the_argument(build, argument):
+    with pytest.raises(ValueError, match=argument):
+        build()
+
+
+def _run_script(tmp_path, script: str, *arguments: str):
+    """Runs tpu/<script> with only a fake, recording gcloud on PATH."""
+    _fake_program(tmp_path, "gcloud", f'echo "$@" >> "{tmp_path}/called"\n')
+    return subprocess.run(
+        [sys.executable, os.path.join("tpu", script), *arguments],
+        env={"PATH": str(tmp_path)},
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    "script, arguments, verb",
+    [
+        ("create.py", ["--accelerator_type=v4-32", "--spot"], "create"),
+        ("install.py", ["--local_dir=."], "scp"),
+        ("launch.py", ["--accelerator_type=v3-8", "--", "--a=b c"], "ssh"),
+        ("delete.py", [], "delete"),
+    ],
+)
+def test_script_dry_run_prints_and_runs_nothing(
+    tmp_path, script, arguments, verb
+):
+    finished = _run_script(
+        tmp_path, script, "--name=my-pod", f"--zone={ZONE}", "--dry_run",
+        *arguments,
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    assert f"gcloud compute tpus tpu-vm {verb} " in finished.stdout
+    assert not (tmp_path / "called").exists()
+
+
+def test_script_without_dry_run_runs_the_printed_command(tmp_path):
+    finished = _run_script(tmp_path, "delete.py", "--name=x", f"--zone={ZONE}")
+    assert finished.returncode == 0, finished.stderr
+    printed = shlex.split(finished.stdout.strip())
+    deadline = time.monotonic() + 5  # the fake gcloud has exited already
+    while not (tmp_path / "called").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "called").read_text().split() == printed[1:]
