@@ -27,8 +27,8 @@ data:
 	@test -f $(FASHION_MNIST) || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
 
 lint: setup
-	$(VENV)/bin/ruff check simclr_tf tests benchmarks
-	$(VENV)/bin/ruff format --check simclr_tf tests benchmarks
+	$(VENV)/bin/ruff check simclr_tf tests benchmarks tpu
+	$(VENV)/bin/ruff format --check simclr_tf tests benchmarks tpu
 
 clean:
 	rm -rf $(VENV) runs
