@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -76,14 +78,26 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _run_workers(root, model_dir: str, train_steps: int, mode: str):
-    """Runs both workers to completion; returns their outputs and logs."""
+def _run_workers(
+    root: pathlib.Path,
+    model_dir: str,
+    train_steps: int,
+    mode: str,
+    sigterm_worker_1_at: str | None = None,
+):
+    """Runs both workers to the end; returns their outputs and logs.
+
+    With `sigterm_worker_1_at` (a checkpoint prefix), worker 1 alone gets
+    SIGTERM as soon as that checkpoint exists.
+    """
     driver = root / "driver.py"
     driver.write_text(_DRIVER)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
-    processes, outputs = [], []
+    processes, outputs, log_paths = [], [], []
     for index in range(2):
-        outputs.append(str(root / f"{mode}_{train_steps}_worker{index}.npz"))
+        name = f"{mode}_{train_steps}_worker{index}"
+        outputs.append(str(root / f"{name}.npz"))
+        log_paths.append(root / f"{name}.log")
         environment = {
             **os.environ,
             "PYTHONPATH": REPOSITORY,
@@ -92,24 +106,31 @@ def _run_workers(root, model_dir: str, train_steps: int, mode: str):
             ),
         }
         command = [sys.executable, str(driver), model_dir, outputs[-1]]
-        processes.append(
-            subprocess.Popen(
-                [*command, str(train_steps), mode],
-                env=environment,
-                cwd=REPOSITORY,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
+        with open(log_paths[-1], "w") as log:
+            processes.append(
+                subprocess.Popen(
+                    [*command, str(train_steps), mode],
+                    env=environment,
+                    cwd=REPOSITORY,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             )
-        )
-    logs = []
+    # A worker whose peer never comes blocks forever: bound everything.
+    deadline = time.time() + 420
     try:
+        if sigterm_worker_1_at:
+            while not os.path.exists(sigterm_worker_1_at + ".index"):
+                assert time.time() < deadline, "no checkpoint in 420 s"
+                assert processes[1].poll() is None, "worker 1 ended early"
+                time.sleep(0.1)
+            processes[1].send_signal(signal.SIGTERM)
         for process in processes:
-            # A worker whose peer never comes blocks forever: bound it.
-            logs.append(process.communicate(timeout=420)[0])
+            process.wait(timeout=max(1.0, deadline - time.time()))
     finally:
         for process in processes:
             process.kill()
+    logs = [path.read_text() for path in log_paths]
     for process, log in zip(processes, logs, strict=True):
         assert process.returncode == 0, log[-3000:]
     return [dict(np.load(path)) for path in outputs], logs
@@ -137,21 +158,29 @@ def test_workers_end_at_the_same_step_with_equal_weights(two_workers):
         np.testing.assert_array_equal(chief[name], worker[name])
 
 
-def test_both_workers_resume_from_the_chiefs_checkpoint(two_workers):
+def test_sigterm_to_one_worker_stops_both_at_one_step_then_resume(
+    two_workers,
+):
+    """Both resume from the chief's ckpt-4; SIGTERM to worker 1 only, once
+    ckpt-6 is written, stops both workers at the same later step with equal
+    weights and that step's checkpoint."""
     model_dir, _, _ = two_workers
-    root = os.path.dirname(model_dir)
     (chief, worker), logs = _run_workers(
-        pathlib.Path(root),
+        pathlib.Path(os.path.dirname(model_dir)),
         model_dir,
-        6,
+        400,
         "train",
+        sigterm_worker_1_at=f"{model_dir}/ckpt-6",
     )
     for log in logs:
         assert f"resumed from {model_dir}/ckpt-4" in log
-    assert int(chief["step"]) == int(worker["step"]) == 6
+    stopped_at = int(chief["step"])
+    assert 6 <= stopped_at < 400
+    assert int(worker["step"]) == stopped_at
     for name in (key for key in chief if key.startswith("w")):
         np.testing.assert_array_equal(chief[name], worker[name])
-    assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-6")
+    assert tf.train.latest_checkpoint(model_dir).endswith(f"ckpt-{stopped_at}")
+    assert "preempted: saved" in logs[0]  # the chief saw worker 1's signal
 
 
 def test_only_the_chief_writes_files(two_workers):
