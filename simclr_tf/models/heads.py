@@ -12,6 +12,8 @@ from typing import Literal
 import keras
 import tensorflow as tf
 
+from simclr_tf.models import batch_norm as batch_norm_lib
+
 BATCH_NORM_EPSILON = 1e-5
 PROJ_HEAD_MODES = ("nonlinear", "linear", "none")
 
@@ -91,7 +93,7 @@ class ProjectionHead(keras.layers.Layer):
                 kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
                 name=f"dense_{index}",
             )
-            batch_norm = keras.layers.BatchNormalization(
+            batch_norm = batch_norm_lib.FusedBatchNormalization(
                 momentum=self.batch_norm_decay,
                 epsilon=BATCH_NORM_EPSILON,
                 # The last layer's BN has gamma only (GR: center=use_bias).

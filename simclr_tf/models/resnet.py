@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import keras
 
+from simclr_tf.models import batch_norm
+
 BATCH_NORM_EPSILON = 1e-5
 # Blocks per group and whether the block is a bottleneck (GR tf2/resnet.py).
 BLOCKS_PER_GROUP = {
@@ -96,7 +98,7 @@ def _batch_norm(
     `name` must contain "batch_normalization": LARS excludes BN variables by
     matching that substring in their paths.
     """
-    outputs = keras.layers.BatchNormalization(
+    outputs = batch_norm.FusedBatchNormalization(
         momentum=batch_norm_decay,
         epsilon=BATCH_NORM_EPSILON,
         gamma_initializer="zeros" if zero_init else "ones",
