@@ -312,7 +312,8 @@ def _configurations() -> list[dict[str, object]]:
 
 
 def _is_bfloat16(configuration: dict[str, object]) -> bool:
-    return "bf16" in configuration.get("mode", configuration.get("precision"))
+    name = configuration.get("mode", configuration.get("precision"))
+    return "bf16" in name or "bfloat16" in name
 
 
 def _row(

@@ -183,3 +183,18 @@ def test_throughput_cli_rows_and_derived_figures(tmp_path, throughput):
             / rows["torch"]["images_per_second"]
         )
         assert ratio == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "configuration, expected",
+    [
+        ({"precision": "mixed_bfloat16"}, True),
+        ({"precision": "float32"}, False),
+        ({"mode": "compile_bf16_channels_last"}, True),
+        ({"mode": "float32_channels_last"}, False),
+    ],
+)
+def test_bfloat16_rows_are_compared_with_the_bfloat16_matmul(
+    throughput, configuration, expected
+):
+    assert throughput._is_bfloat16(configuration) is expected
