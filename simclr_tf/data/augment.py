@@ -460,23 +460,27 @@ def color_jitter_batch(
         low, high = _jitter_range(op, strength, brightness_impl)
         # As random_ops.uniform(seed, (), low, high) computes it.
         factors.append(_per_image(low + (high - low) * units[op][:, 0]))
-    ops = [
-        lambda x: adjust_brightness(x, factors[0], brightness_impl),
-        lambda x: adjust_contrast(x, factors[1]),
-        lambda x: _adjust_hsv_batch(x, factors[2], tf.zeros_like(factors[3])),
-        lambda x: _adjust_hsv_batch(x, tf.ones_like(factors[2]), factors[3]),
-    ]
-    if random_ops.channels(images) == 1:
-        ops = ops[:2]  # saturation and hue are the identity
+    rgb = random_ops.channels(images) == 3  # else saturation, hue: identity
     order = tf.range(4) + tf.zeros_like(units[4], tf.int32)  # [B, 4]
     if random_order:
         order = tf.argsort(units[4], axis=-1)
     for position in range(4):
         chosen = _per_image(order[:, position])
         result = images
-        for index, op in enumerate(ops):
-            jittered = tf.clip_by_value(op(images), 0.0, 1.0)
-            result = tf.where(chosen == index, jittered, result)
+        if rgb:
+            # One HSV round trip serves both saturation (op 2) and hue
+            # (op 3): each image gets its own op's factor, the other op's
+            # identity, which is what that op alone computes.
+            saturation = tf.where(chosen == 2, factors[2], 1.0)
+            hue = tf.where(chosen == 3, factors[3], 0.0)
+            jittered = _adjust_hsv_batch(images, saturation, hue)
+            result = tf.where(
+                chosen >= 2, tf.clip_by_value(jittered, 0, 1), result
+            )
+        jittered = adjust_contrast(images, factors[1])
+        result = tf.where(chosen == 1, tf.clip_by_value(jittered, 0, 1), result)
+        jittered = adjust_brightness(images, factors[0], brightness_impl)
+        result = tf.where(chosen == 0, tf.clip_by_value(jittered, 0, 1), result)
         images = result
     return images
 
