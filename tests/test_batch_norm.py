@@ -130,3 +130,61 @@ def test_synchronised_layer_on_several_replicas_uses_global_statistics():
     expected = _reference(x, np.ones(3), np.zeros(3), np.zeros_like(x))[0]
     # Global statistics from all-reduced sums: float32 rounding only.
     np.testing.assert_allclose(y, expected, atol=1e-4)
+
+
+def test_synchronised_gradients_equal_the_global_batch_formulas():
+    """On 2 replicas, dx of each replica's rows and the replica-summed
+    dgamma, dbeta equal BN's gradients over the whole global batch; the
+    moving statistics are the global ones."""
+    tf.distribute.MirroredStrategy._collective_key_base += 100_000
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    rng = np.random.default_rng(4)
+    x = np.concatenate(
+        [rng.normal(0, 1, (4, 3, 3, 2)), rng.normal(4, 3, (4, 3, 3, 2))]
+    ).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    gamma = np.array([0.7, 1.3], np.float32)
+    beta = np.array([0.1, -0.2], np.float32)
+    with strategy.scope():
+        layer = _layer(synchronized=True)
+        layer.build(x.shape)
+        layer.gamma.assign(gamma)
+        layer.beta.assign(beta)
+    data = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((x, dy)).batch(8)
+    )
+
+    def replica_step(batch):
+        inputs, upstream = batch
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            objective = tf.reduce_sum(layer(inputs, training=True) * upstream)
+        return tape.gradient(objective, [inputs, layer.gamma, layer.beta])
+
+    @tf.function
+    def run(batch):
+        return strategy.run(replica_step, (batch,))
+
+    dx, dgamma, dbeta = run(next(iter(data)))
+    local = strategy.experimental_local_results
+    _, mean, variance, ref_dx, ref_dgamma, ref_dbeta = _reference(
+        x, gamma, beta, dy
+    )
+    # float32 sums over 72 values of size <= ~20: a few ulps.
+    np.testing.assert_allclose(
+        np.concatenate([d.numpy() for d in local(dx)]), ref_dx, atol=2e-5
+    )
+    np.testing.assert_allclose(
+        sum(d.numpy() for d in local(dgamma)), ref_dgamma, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        sum(d.numpy() for d in local(dbeta)), ref_dbeta, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), (1 - MOMENTUM) * mean, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(),
+        MOMENTUM + (1 - MOMENTUM) * variance,
+        rtol=1e-5,
+    )

@@ -5,14 +5,78 @@ casting bfloat16 activations up and back down around every layer. The fused
 kernel (FusedBatchNormV3, oneDNN on CPUs, supported by XLA) does the same
 maths in one pass on bfloat16 inputs; on this project's CPU it made the demo
 step 1.5x (float32) to 2.1x (mixed_bfloat16) faster (benchmarks/RESULTS.md).
-Synchronised BN across several replicas keeps Keras's path: its statistics
-need an all-reduce between the two passes, which the fused kernel lacks.
+Synchronised BN across several replicas cannot use the kernel (its
+statistics need an all-reduce between the passes); it uses
+`synchronized_batch_norm`, two all-reduces and a hand-written gradient.
 """
 
 from __future__ import annotations
 
 import keras
 import tensorflow as tf
+
+
+def synchronized_batch_norm(
+    inputs: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Training-mode BN with statistics over every replica's batch.
+
+    Must run in a replica context. Forward: one all-reduce of the per-
+    channel sums of x and x^2 (float32), then y = x scale + shift in the
+    input's dtype. Backward, with a hand-written gradient: one all-reduce of
+    the sums of dy and dy xhat, so that dx is the gradient of BN over the
+    global batch (as autodiff through Keras's synchronised BN gives) with
+    far fewer float32 element-wise passes.
+
+    Args:
+      inputs: [..., C] float (float32 or bfloat16/float16 activations).
+      gamma, beta: [C] float32.
+      epsilon: variance epsilon.
+
+    Returns:
+      (outputs like inputs, global mean [C], global biased variance [C]).
+    """
+    context = tf.distribute.get_replica_context()
+    axes = list(range(len(inputs.shape) - 1))
+    channels = inputs.shape[-1]
+    x32 = tf.cast(inputs, tf.float32)
+    count = tf.cast(tf.size(inputs) // channels, tf.float32)
+    sums = context.all_reduce(
+        tf.distribute.ReduceOp.SUM,
+        tf.stack(
+            [
+                tf.reduce_sum(x32, axes),
+                tf.reduce_sum(tf.square(x32), axes),
+                tf.fill([channels], count),
+            ]
+        ),
+    )
+    total = sums[2]
+    mean = sums[0] / total
+    variance = tf.maximum(sums[1] / total - tf.square(mean), 0.0)
+    inverse = tf.math.rsqrt(variance + epsilon)
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        scale = gamma * inverse
+        shift = beta - mean * scale
+        y = x * tf.cast(scale, x.dtype) + tf.cast(shift, x.dtype)
+
+        def gradient(dy):
+            dy32 = tf.cast(dy, tf.float32)
+            xhat = (tf.cast(x, tf.float32) - mean) * inverse
+            local = tf.stack(
+                [tf.reduce_sum(dy32, axes), tf.reduce_sum(dy32 * xhat, axes)]
+            )
+            summed = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
+            dx = scale * (dy32 - (summed[0] + xhat * summed[1]) / total)
+            # gamma and beta get this replica's share; the optimizer sums
+            # the replicas' gradients.
+            return tf.cast(dx, x.dtype), local[1], local[0]
+
+        return y, gradient
+
+    return normalize(inputs, gamma, beta), mean, variance
 
 
 def _replicas_in_sync() -> int:
@@ -28,13 +92,13 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 
     Same variables, arguments, outputs and moving statistics as the Keras
     layer (the moving variance is the biased batch variance, as Keras keeps
-    it); only the kernel differs. Falls back to the Keras computation for
-    what the kernel cannot do: synchronised statistics over several
-    replicas, an axis other than the last, masks, renorm, and inputs of
-    rank other than 2 or 4.
+    it); only the computation differs. synchronized=True over several
+    replicas uses `synchronized_batch_norm`. Falls back to Keras's code for
+    an axis other than the last, masks, renorm, and inputs of rank other
+    than 2 or 4.
     """
 
-    def _fusable(self, inputs: tf.Tensor, mask: object) -> bool:
+    def _supported(self, inputs: tf.Tensor, mask: object) -> bool:
         axis = self.axis if isinstance(self.axis, int) else None
         return (
             keras.backend.backend() == "tensorflow"
@@ -42,16 +106,11 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             and not self.renorm
             and axis in (-1, len(inputs.shape) - 1)
             and len(inputs.shape) in (2, 4)
-            and not (self.synchronized and _replicas_in_sync() > 1)
         )
 
     def call(self, inputs, training=None, mask=None):
-        if not self._fusable(inputs, mask):
+        if not self._supported(inputs, mask):
             return super().call(inputs, training=training, mask=mask)
-        shape = tf.shape(inputs)
-        images = inputs
-        if len(inputs.shape) == 2:  # [N, C] -> [N, 1, 1, C]
-            images = inputs[:, None, None, :]
         channels = inputs.shape[-1]
         gamma = (
             tf.cast(self.gamma, tf.float32)
@@ -63,28 +122,48 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             if self.center
             else tf.zeros([channels], tf.float32)
         )
-        images = tf.cast(images, self.compute_dtype)
-        if training and self.trainable:
+        inputs = tf.cast(inputs, self.compute_dtype)
+        training = bool(training) and self.trainable
+        if training and self.synchronized and _replicas_in_sync() > 1:
+            outputs, mean, variance = synchronized_batch_norm(
+                inputs, gamma, beta, self.epsilon
+            )
+        else:
+            outputs, mean, variance = self._fused(inputs, gamma, beta, training)
+        if training:
+            self._update_moving(self.moving_mean, mean)
+            self._update_moving(self.moving_variance, variance)
+        return outputs
+
+    def _fused(
+        self, inputs: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, training
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """FusedBatchNormV3 on [N, H, W, C] (rank 2 as [N, 1, 1, C])."""
+        shape = tf.shape(inputs)
+        images = inputs
+        if len(inputs.shape) == 2:
+            images = inputs[:, None, None, :]
+        if training:
             outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
                 images, gamma, beta, epsilon=self.epsilon, is_training=True
             )
             # The kernel returns the unbiased (n - 1) variance; Keras keeps
             # the biased one in its moving average.
-            count = tf.cast(tf.size(images) // channels, tf.float32)
+            count = tf.cast(tf.size(images) // images.shape[-1], tf.float32)
             variance = variance * (count - 1.0) / count
-            self._update_moving(self.moving_mean, mean)
-            self._update_moving(self.moving_variance, variance)
         else:
+            mean = tf.cast(self.moving_mean, tf.float32)
+            variance = tf.cast(self.moving_variance, tf.float32)
             outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
                 images,
                 gamma,
                 beta,
-                mean=tf.cast(self.moving_mean, tf.float32),
-                variance=tf.cast(self.moving_variance, tf.float32),
+                mean=mean,
+                variance=variance,
                 epsilon=self.epsilon,
                 is_training=False,
             )
-        return tf.reshape(outputs, shape)
+        return tf.reshape(outputs, shape), mean, variance
 
     def _update_moving(
         self, variable: keras.Variable, value: tf.Tensor
