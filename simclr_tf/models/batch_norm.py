@@ -23,10 +23,11 @@ def synchronized_batch_norm(
 
     Must run in a replica context. Forward: one all-reduce of the per-
     channel sums of x and x^2 (float32), then y = x scale + shift in the
-    input's dtype. Backward, with a hand-written gradient: one all-reduce of
-    the sums of dy and dy xhat, so that dx is the gradient of BN over the
-    global batch (as autodiff through Keras's synchronised BN gives) with
-    far fewer float32 element-wise passes.
+    input's dtype. Backward, with a hand-written gradient: the fused
+    gradient kernel, one all-reduce of the sums of dy and dy xhat, and one
+    element-wise correction, so that dx is the gradient of BN over the
+    global batch (as autodiff through Keras's synchronised BN gives) in far
+    fewer passes over the activations.
 
     Args:
       inputs: [..., C] float (float32 or bfloat16/float16 activations).
@@ -56,27 +57,50 @@ def synchronized_batch_norm(
     variance = tf.maximum(sums[1] / total - tf.square(mean), 0.0)
     inverse = tf.math.rsqrt(variance + epsilon)
 
+    def scale_of(gamma: tf.Tensor) -> tf.Tensor:
+        return gamma * inverse
+
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        scale = gamma * inverse
+        scale = scale_of(gamma)
         shift = beta - mean * scale
         y = x * tf.cast(scale, x.dtype) + tf.cast(shift, x.dtype)
 
         def gradient(dy):
-            dy32 = tf.cast(dy, tf.float32)
-            xhat = (tf.cast(x, tf.float32) - mean) * inverse
-            local = tf.stack(
-                [tf.reduce_sum(dy32, axes), tf.reduce_sum(dy32 * xhat, axes)]
+            # One fused kernel gives gamma inverse dy and this replica's
+            # sums of dy and dy xhat (xhat from the global statistics).
+            dx_plain, dgamma, dbeta, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=_as_images(dy),
+                x=_as_images(x),
+                scale=gamma,
+                reserve_space_1=mean,
+                reserve_space_2=variance,
+                reserve_space_3=tf.zeros([0], tf.float32),
+                epsilon=epsilon,
+                data_format="NHWC",
+                is_training=False,
             )
-            summed = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
-            dx = scale * (dy32 - (summed[0] + xhat * summed[1]) / total)
+            summed = context.all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.stack([dbeta, dgamma])
+            )
+            # dx = scale (dy - sum(dy) / n - xhat sum(dy xhat) / n) over the
+            # global batch = dx_plain + x a + b, per channel a and b.
+            a = -scale_of(gamma) * inverse * summed[1] / total
+            b = -scale_of(gamma) * summed[0] / total - a * mean
+            dx = tf.reshape(dx_plain, tf.shape(x))
+            dx = tf.cast(dx, tf.float32) + tf.cast(x, tf.float32) * a + b
             # gamma and beta get this replica's share; the optimizer sums
             # the replicas' gradients.
-            return tf.cast(dx, x.dtype), local[1], local[0]
+            return tf.cast(dx, x.dtype), dgamma, dbeta
 
         return y, gradient
 
     return normalize(inputs, gamma, beta), mean, variance
+
+
+def _as_images(values: tf.Tensor) -> tf.Tensor:
+    """[N, C] -> [N, 1, 1, C] for the NHWC kernels; rank 4 unchanged."""
+    return values[:, None, None, :] if len(values.shape) == 2 else values
 
 
 def _replicas_in_sync() -> int:
