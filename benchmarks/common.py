@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -115,3 +116,37 @@ def write_report(
     with open(path, "w") as file:
         file.write(text + "\n")
     return path
+
+
+def run_configuration(
+    script: str, spec: dict[str, object], prefix: str, timeout: int
+) -> dict:
+    """Runs `script --worker_config=<spec>` in a fresh Python.
+
+    Each benchmark configuration gets its own process, so that logical
+    devices, XLA caches and peak RSS are its own.
+
+    Args:
+      script: path of the benchmark script, which prints `prefix` + JSON.
+      spec: the configuration, passed as JSON.
+      prefix: marks the result line among whatever else reaches stdout.
+      timeout: seconds before the process is killed.
+
+    Returns:
+      The script's result dict, or {"error": why} when it timed out or
+      printed no result.
+    """
+    command = [sys.executable, os.path.abspath(script)]
+    command.append(f"--worker_config={json.dumps(spec)}")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, env=env
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after --timeout={timeout} s"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(prefix):
+            return json.loads(line[len(prefix) :])
+    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+    return {"error": f"exit code {done.returncode}: " + " | ".join(tail)}

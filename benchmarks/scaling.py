@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -205,20 +204,7 @@ def run_worker(spec: dict[str, object]) -> dict[str, float]:
 
 def _run_subprocess(spec: dict[str, object], timeout: int) -> dict:
     """Runs one configuration in a fresh Python; returns its result dict."""
-    command = [sys.executable, os.path.abspath(__file__)]
-    command.append(f"--worker_config={json.dumps(spec)}")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, env=env
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after --timeout={timeout} s"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(_RESULT_PREFIX):
-            return json.loads(line[len(_RESULT_PREFIX) :])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-    return {"error": f"exit code {done.returncode}: " + " | ".join(tail)}
+    return common.run_configuration(__file__, spec, _RESULT_PREFIX, timeout)
 
 
 def _configurations() -> list[dict[str, object]]:
