@@ -19,9 +19,7 @@ from tpu import gcloud  # noqa: E402
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     """Parses this script's flags (see --help)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", required=True, help="TPU name.")
-    parser.add_argument("--zone", required=True, help="e.g. europe-west4-a.")
-    parser.add_argument("--project", help="GCP project (default: gcloud's).")
+    gcloud.add_common_arguments(parser)
     parser.add_argument(
         "--accelerator_type", required=True, help="e.g. v3-8, v4-32."
     )
@@ -34,9 +32,6 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--spot", action="store_true", help="Spot TPU VM.")
     kind.add_argument("--preemptible", action="store_true", help="Legacy.")
-    parser.add_argument(
-        "--dry_run", action="store_true", help="Print, run nothing."
-    )
     return parser.parse_args(argv)
 
 

@@ -19,12 +19,7 @@ from tpu import gcloud  # noqa: E402
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     """Parses this script's flags (see --help)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", required=True, help="TPU name.")
-    parser.add_argument("--zone", required=True, help="e.g. europe-west4-a.")
-    parser.add_argument("--project", help="GCP project (default: gcloud's).")
-    parser.add_argument(
-        "--dry_run", action="store_true", help="Print, run nothing."
-    )
+    gcloud.add_common_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -7,6 +7,7 @@ simclr_tf, so the scripts in tpu/ start fast on a laptop.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import re
 import shlex
@@ -29,6 +30,16 @@ _ACCELERATOR = re.compile(r"^(v2|v3|v4|v5litepod|v5p)-([1-9][0-9]*)$")
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
 _BASE = ("gcloud", "compute", "tpus", "tpu-vm")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--name, --zone, --project and --dry_run, which every script takes."""
+    parser.add_argument("--name", required=True, help="TPU name.")
+    parser.add_argument("--zone", required=True, help="e.g. europe-west4-a.")
+    parser.add_argument("--project", help="GCP project (default: gcloud's).")
+    parser.add_argument(
+        "--dry_run", action="store_true", help="Print, run nothing."
+    )
 
 
 def validate_name(name: str) -> str:

@@ -21,9 +21,7 @@ from tpu import gcloud  # noqa: E402
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     """Parses this script's flags (see --help)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", required=True, help="TPU name.")
-    parser.add_argument("--zone", required=True, help="e.g. europe-west4-a.")
-    parser.add_argument("--project", help="GCP project (default: gcloud's).")
+    gcloud.add_common_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--git_url", help="Repository to clone.")
     source.add_argument("--local_dir", help="Checkout to copy, e.g. '.'.")
@@ -44,9 +42,6 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         default=True,
         help="Keep the image's TPU build of TensorFlow (and its NumPy and "
         "TensorBoard): skip their pins, install simclr_tf with --no-deps.",
-    )
-    parser.add_argument(
-        "--dry_run", action="store_true", help="Print, run nothing."
     )
     return parser.parse_args(argv)
 

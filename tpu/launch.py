@@ -27,9 +27,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     """Parses the flags before `--`; the rest becomes `train_args`."""
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", required=True, help="TPU name.")
-    parser.add_argument("--zone", required=True, help="e.g. europe-west4-a.")
-    parser.add_argument("--project", help="GCP project (default: gcloud's).")
+    gcloud.add_common_arguments(parser)
     parser.add_argument(
         "--accelerator_type",
         required=True,
@@ -49,9 +47,6 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=1,
         help="Workers to collect logs from (training logs on worker 0).",
-    )
-    parser.add_argument(
-        "--dry_run", action="store_true", help="Print, run nothing."
     )
     arguments = parser.parse_args(argv[:split])
     arguments.train_args = argv[split + 1 :]
