@@ -60,6 +60,28 @@ def _train_command(
     ]
 
 
+def _resume(
+    command: list[str], model_dir: str, checkpoint: str, total: int
+) -> str:
+    """Reruns `command`; asserts it resumed from `checkpoint` and finished.
+
+    Returns:
+      The rerun's stderr (its log).
+    """
+    resumed = subprocess.run(
+        command,
+        env=_ENVIRONMENT,
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {checkpoint}" in resumed.stderr
+    assert tf.train.latest_checkpoint(model_dir).endswith(f"ckpt-{total}")
+    return resumed.stderr
+
+
 def _tiny_config(model_dir: str, **changes) -> config_lib.Config:
     return config_lib.validate(
         config_lib.from_dict({**TINY, "model_dir": model_dir, **changes})
@@ -223,20 +245,8 @@ def test_killed_run_resumes_at_saved_step(tmp_path):
     process.wait()
     killed_at = int(tf.train.latest_checkpoint(model_dir).split("-")[-1])
     assert 5 <= killed_at < 300
-    resumed = subprocess.run(
-        command,
-        env=_ENVIRONMENT,
-        cwd=REPOSITORY,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {model_dir}/ckpt-{killed_at}" in resumed.stderr
-    assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-300")
-    first_line = next(
-        line for line in resumed.stderr.splitlines() if "] step " in line
-    )
+    log = _resume(command, model_dir, f"{model_dir}/ckpt-{killed_at}", 300)
+    first_line = next(line for line in log.splitlines() if "] step " in line)
     assert f"step {killed_at + 5}/300" in first_line
 
 
@@ -309,14 +319,4 @@ def test_sigterm_saves_checkpoint_and_the_same_command_resumes(tmp_path):
     # No regular checkpoint is due before step 200: this one is SIGTERM's,
     # written at a loop boundary.
     assert 5 <= saved_step < 200 and saved_step % 5 == 0
-    resumed = subprocess.run(
-        command,
-        env=_ENVIRONMENT,
-        cwd=REPOSITORY,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {saved}" in resumed.stderr
-    assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-200")
+    _resume(command, model_dir, saved, 200)
