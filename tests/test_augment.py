@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.data import augment
+from simclr_tf.data import augment, augment_batch
 
 
 def _image(height, width, channels, dtype, seed=0):
@@ -355,7 +355,9 @@ PARITY_ATOL = 1e-5
 def test_simclr_augment_batch_equals_per_image(channels, dtype, size, options):
     images = _batch(12, 30, 34, channels, dtype)
     seeds = _batch_seeds(12)
-    batched = augment.simclr_augment_batch(images, size, seeds=seeds, **options)
+    batched = augment_batch.simclr_augment_batch(
+        images, size, seeds=seeds, **options
+    )
     assert batched.shape == (12, size, size, channels)
     single = np.stack(
         [
@@ -370,7 +372,7 @@ def test_simclr_augment_batch_under_xla_equals_per_image():
     images = _batch(8, 30, 30, 3, "uint8")
     seeds = _batch_seeds(8, salt=1)
     compiled = tf.function(
-        lambda images, seeds: augment.simclr_augment_batch(
+        lambda images, seeds: augment_batch.simclr_augment_batch(
             images, 24, color_jitter_strength=1.0, blur=True, seeds=seeds
         ),
         jit_compile=True,
@@ -385,7 +387,9 @@ def test_simclr_augment_batch_under_xla_equals_per_image():
 def test_color_jitter_batch_fixed_order_equals_per_image():
     images = _batch(6, 10, 12, 3, "float32")
     seeds = _batch_seeds(6, salt=2)
-    batched = augment.color_jitter_batch(images, 1.0, seeds, random_order=False)
+    batched = augment_batch.color_jitter_batch(
+        images, 1.0, seeds, random_order=False
+    )
     for index in range(6):
         single = augment.color_jitter(
             images[index], 1.0, seeds[index], random_order=False
@@ -396,7 +400,7 @@ def test_color_jitter_batch_fixed_order_equals_per_image():
 def test_gaussian_blur_batch_equals_per_image_blur():
     images = _batch(3, 14, 11, 3, "float32")
     sigma = tf.constant([0.3, 1.0, 2.0])
-    batched = augment.gaussian_blur_batch(images, sigma, 5)
+    batched = augment_batch.gaussian_blur_batch(images, sigma, 5)
     for index in range(3):
         single = augment.gaussian_blur(images[index], sigma[index], 5)
         # Banded matmul vs depthwise conv: summation order only.
@@ -406,6 +410,6 @@ def test_gaussian_blur_batch_equals_per_image_blur():
 def test_simclr_augment_batch_rejects_unbatched_seeds():
     images = _batch(2, 8, 8, 3, "uint8")
     with pytest.raises(ValueError, match=r"\[B, 2\]"):
-        augment.simclr_augment_batch(
+        augment_batch.simclr_augment_batch(
             images, 8, color_jitter_strength=0.5, blur=False, seeds=_seed(1)
         )

@@ -273,3 +273,36 @@ def test_pretrain_input_fn_varying_image_sizes_fall_back_to_per_image():
     # Batching before cropping would fail on these shapes.
     batch = pretrain_batches(source, 1, global_batch_size=4)[0]
     assert batch["view1"].shape == (4, SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_pretrain_input_fn_on_device_views_complete_to_host_views(batched):
+    """augment_on_device stops after crop + flip; distort_views finishes it.
+
+    Reference: the host pipeline's finished views for the same seed.
+    """
+    batches = {}
+    for on_device in (False, True):
+        keras.utils.set_random_seed(0)
+        batches[on_device] = pretrain_batches(
+            tiny_source(12),
+            2,
+            seed=0,
+            blur=True,
+            augment_on_device=on_device,
+            batched_augment=batched,
+        )
+    for host, device in zip(batches[False], batches[True], strict=True):
+        assert "view_seeds" not in host
+        assert device["view_seeds"].shape == (5, 2, 2)
+        views = pipeline.distort_views(
+            (device["view1"], device["view2"]),
+            device["view_seeds"],
+            color_jitter_strength=0.5,
+            blur=True,
+        )
+        for key, view in zip(("view1", "view2"), views, strict=True):
+            # Crops alone are not the views (colour jitter changes them)...
+            assert np.abs(device[key] - host[key]).max() > 0.05
+            # ...distorted with their seeds they are, up to summation order.
+            np.testing.assert_allclose(view, host[key], atol=PARITY_ATOL)

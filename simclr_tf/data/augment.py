@@ -21,7 +21,7 @@ MAX_COLOR_JITTER_STRENGTH = 1.25  # 1 - 0.8 s must stay >= 0.
 LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale's.
 
 
-def _check_strength(strength: float) -> None:
+def check_strength(strength: float) -> None:
     if not 0.0 <= strength <= MAX_COLOR_JITTER_STRENGTH:
         raise ValueError(
             f"color_jitter_strength={strength} must be in [0, "
@@ -97,7 +97,7 @@ def adjust_hue(image: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
     return tf.image.adjust_hue(image, delta)
 
 
-def _jitter_range(
+def jitter_range(
     op: int, strength: float, impl: BrightnessImpl = "v2"
 ) -> tuple[float, float]:
     """(low, high) of the uniform draw of jitter op 0..3 (B, C, S, H)."""
@@ -117,7 +117,7 @@ def random_brightness(
     image: tf.Tensor, strength: float, seed: tf.Tensor, impl: BrightnessImpl
 ) -> tf.Tensor:
     """v2: x U[max(0, 1 - 0.8 s), 1 + 0.8 s]; v1: x + U[-0.8 s, 0.8 s]."""
-    low, high = _jitter_range(0, strength, impl)
+    low, high = jitter_range(0, strength, impl)
     return adjust_brightness(
         image, random_ops.uniform(seed, (), low, high), impl
     )
@@ -127,7 +127,7 @@ def random_contrast(
     image: tf.Tensor, strength: float, seed: tf.Tensor
 ) -> tf.Tensor:
     """Contrast factor ~ U[1 - 0.8 s, 1 + 0.8 s]."""
-    low, high = _jitter_range(1, strength)
+    low, high = jitter_range(1, strength)
     return adjust_contrast(image, random_ops.uniform(seed, (), low, high))
 
 
@@ -135,13 +135,13 @@ def random_saturation(
     image: tf.Tensor, strength: float, seed: tf.Tensor
 ) -> tf.Tensor:
     """Saturation factor ~ U[1 - 0.8 s, 1 + 0.8 s]; identity for C == 1."""
-    low, high = _jitter_range(2, strength)
+    low, high = jitter_range(2, strength)
     return adjust_saturation(image, random_ops.uniform(seed, (), low, high))
 
 
 def random_hue(image: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tensor:
     """Hue delta ~ U[-0.2 s, 0.2 s] turns; identity for C == 1."""
-    low, high = _jitter_range(3, strength)
+    low, high = jitter_range(3, strength)
     return adjust_hue(image, random_ops.uniform(seed, (), low, high))
 
 
@@ -174,7 +174,7 @@ def color_jitter(
     Raises:
       ValueError: if strength is outside [0, 1.25] or impl is unknown.
     """
-    _check_strength(strength)
+    check_strength(strength)
     image = tf.clip_by_value(random_ops.as_float(image), 0.0, 1.0)
     if strength == 0:
         return image
@@ -306,6 +306,26 @@ def random_blur(image: tf.Tensor, seed: tf.Tensor, p: float = 0.5) -> tf.Tensor:
     )
 
 
+def crop_and_flip(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
+    """The first stage of `simclr_augment`: crop + resize, then flip.
+
+    Uses the same two of the view seed's four sub-seeds as simclr_augment,
+    so distorting the result with that seed (augment_batch.distort_batch)
+    completes the same view.
+
+    Args:
+      image: [H, W, C] uint8 0..255 or float 0..1; H and W may be dynamic.
+      size: output side in pixels.
+      seed: int32 [2] stateless seed of the whole view.
+
+    Returns:
+      [size, size, C] float32, approximately in [0, 1] (bicubic ringing).
+    """
+    crop_seed, flip_seed, _, _ = random_ops.split(seed, 4)
+    image = crop.random_crop_with_resize(image, size, crop_seed)
+    return random_flip(image, flip_seed)
+
+
 def simclr_augment(
     image: tf.Tensor,
     size: int,
@@ -340,10 +360,10 @@ def simclr_augment(
       ValueError: for a strength outside [0, 1.25] or a bad channel count.
     """
     if color_distort:
-        _check_strength(color_jitter_strength)
-    crop_seed, flip_seed, color_seed, blur_seed = random_ops.split(seed, 4)
-    image = crop.random_crop_with_resize(image, size, crop_seed)
-    image = random_flip(image, flip_seed)
+        check_strength(color_jitter_strength)
+    seed = random_ops.as_seed(seed)  # None: one random seed for all stages
+    _, _, color_seed, blur_seed = random_ops.split(seed, 4)
+    image = crop_and_flip(image, size, seed)
     if color_distort:
         jitter_seed, apply_seed, gray_seed = random_ops.split(color_seed, 3)
         jitter = functools.partial(
@@ -397,203 +417,3 @@ def preprocess_for_eval(
         box = ((height - side + 1) // 2, (width - side + 1) // 2, side, side)
     resized = crop.crop_and_resize(image, box, size)
     return tf.clip_by_value(resized, 0.0, 1.0)
-
-
-def _per_image(values: tf.Tensor) -> tf.Tensor:
-    """[B] -> [B, 1, 1, 1], to broadcast one value per image."""
-    return tf.reshape(values, [-1, 1, 1, 1])
-
-
-def _select(mask: tf.Tensor, chosen: tf.Tensor, other: tf.Tensor) -> tf.Tensor:
-    """Per image: `chosen` where mask [B] is true, else `other`."""
-    return tf.where(_per_image(mask), chosen, other)
-
-
-def _adjust_hsv_batch(
-    images: tf.Tensor, saturation: tf.Tensor, hue: tf.Tensor
-) -> tf.Tensor:
-    """adjust_saturation (s x factor, clipped) and adjust_hue (h + delta).
-
-    For RGB [B, H, W, 3] with per-image factors [B, 1, 1, 1].
-    """
-    h, s, v = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
-    h = tf.math.floormod(h + hue[..., 0], 1.0)
-    s = tf.clip_by_value(s * saturation[..., 0], 0.0, 1.0)
-    return tf.image.hsv_to_rgb(tf.stack([h, s, v], axis=-1))
-
-
-def color_jitter_batch(
-    images: tf.Tensor,
-    strength: float,
-    seeds: tf.Tensor,
-    *,
-    brightness_impl: BrightnessImpl = "v2",
-    random_order: bool = True,
-) -> tf.Tensor:
-    """`color_jitter` per image: image i as color_jitter(images[i], seeds[i]).
-
-    Each of the four positions evaluates every op on the whole batch and
-    keeps, per image, the one that image's order puts there.
-
-    Args:
-      images: [B, H, W, C] uint8 0..255 or float 0..1, C in {1, 3}.
-      strength: s in [0, 1.25], Python float.
-      seeds: int32 [B, 2] stateless seeds.
-      brightness_impl: "v2" multiplicative (GR default) or "v1" additive.
-      random_order: shuffle the op order per image.
-
-    Returns:
-      [B, H, W, C] float32 in [0, 1].
-
-    Raises:
-      ValueError: if strength is outside [0, 1.25] or impl is unknown.
-    """
-    _check_strength(strength)
-    images = tf.clip_by_value(random_ops.as_float(images), 0.0, 1.0)
-    if strength == 0:
-        return images
-    # color_jitter's five seeds, all drawn from in one call: [B, 5, 4].
-    seeds = random_ops.stateless_split(random_ops.as_seed(seeds), 5)
-    units = tf.unstack(random_ops.uniform_batch(seeds, 4), axis=1)
-    factors = []
-    for op in range(4):
-        low, high = _jitter_range(op, strength, brightness_impl)
-        # As random_ops.uniform(seed, (), low, high) computes it.
-        factors.append(_per_image(low + (high - low) * units[op][:, 0]))
-    rgb = random_ops.channels(images) == 3  # else saturation, hue: identity
-    order = tf.range(4) + tf.zeros_like(units[4], tf.int32)  # [B, 4]
-    if random_order:
-        order = tf.argsort(units[4], axis=-1)
-    for position in range(4):
-        chosen = _per_image(order[:, position])
-        result = images
-        if rgb:
-            # One HSV round trip serves both saturation (op 2) and hue
-            # (op 3): each image gets its own op's factor, the other op's
-            # identity, which is what that op alone computes.
-            saturation = tf.where(chosen == 2, factors[2], 1.0)
-            hue = tf.where(chosen == 3, factors[3], 0.0)
-            jittered = _adjust_hsv_batch(images, saturation, hue)
-            result = tf.where(
-                chosen >= 2, tf.clip_by_value(jittered, 0, 1), result
-            )
-        jittered = adjust_contrast(images, factors[1])
-        result = tf.where(chosen == 1, tf.clip_by_value(jittered, 0, 1), result)
-        jittered = adjust_brightness(images, factors[0], brightness_impl)
-        result = tf.where(chosen == 0, tf.clip_by_value(jittered, 0, 1), result)
-        images = result
-    return images
-
-
-def _blur_matrix(taps: tf.Tensor, side: int) -> tf.Tensor:
-    """[B, side, side] banded matrix of per-image taps [B, K], zero padded."""
-    radius = taps.shape[-1] // 2
-    position = tf.range(side)
-    tap = position[None, :] - position[:, None] + radius  # [out, in]
-    valid = (tap >= 0) & (tap <= 2 * radius)
-    matrix = tf.gather(taps, tf.clip_by_value(tap, 0, 2 * radius), axis=1)
-    return tf.where(valid, matrix, 0.0)
-
-
-def gaussian_blur_batch(
-    images: tf.Tensor, sigma: tf.Tensor, kernel_size: int
-) -> tf.Tensor:
-    """`gaussian_blur` with one sigma per image, as two banded matmuls.
-
-    Args:
-      images: [B, H, W, C] float with static H and W.
-      sigma: [B] float > 0, in pixels.
-      kernel_size: odd tap count (blur_kernel_size).
-
-    Returns:
-      [B, H, W, C] float32, image i equal to gaussian_blur(images[i],
-      sigma[i], kernel_size) up to float32 summation order.
-    """
-    radius = kernel_size // 2
-    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
-    taps = tf.exp(-tf.square(offsets) / (2.0 * tf.square(sigma[:, None])))
-    taps /= tf.reduce_sum(taps, axis=-1, keepdims=True)
-    rows = _blur_matrix(taps, images.shape[1])
-    columns = _blur_matrix(taps, images.shape[2])
-    blurred = tf.einsum("bpw,bhwc->bhpc", columns, images)
-    return tf.einsum("boh,bhwc->bowc", rows, blurred)
-
-
-def _random_blur_batch(images: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
-    """random_blur per image: p = 0.5, sigma ~ U[0.1, 2.0], seeds [B, 2]."""
-    seeds = random_ops.stateless_split(random_ops.as_seed(seeds), 2)
-    apply, unit = tf.unstack(random_ops.uniform_batch(seeds), 2, axis=1)
-    sigma = 0.1 + (2.0 - 0.1) * unit  # as random_ops.uniform(, (), 0.1, 2.0)
-    kernel_size = blur_kernel_size(images.shape[1])
-    blurred = gaussian_blur_batch(images, sigma, kernel_size)
-    return _select(apply < 0.5, blurred, images)
-
-
-def simclr_augment_batch(
-    images: tf.Tensor,
-    size: int,
-    *,
-    color_jitter_strength: float,
-    blur: bool,
-    seeds: tf.Tensor,
-    brightness_impl: BrightnessImpl = "v2",
-    color_distort: bool = True,
-) -> tf.Tensor:
-    """`simclr_augment` for a batch, one seed per image, with batched ops.
-
-    Output i equals simclr_augment(images[i], size, ..., seed=seeds[i]):
-    the random draws are bit-identical and only float32 summation order
-    (matmuls, means, HSV conversion) differs, below 1e-5. Runs eagerly, in
-    tf.data and under XLA (static B, H, W, C).
-
-    Args:
-      images: [B, H, W, C] uint8 0..255 or float 0..1, C in {1, 3}; one H
-        and W for the whole batch (may be dynamic outside XLA).
-      size: output side in pixels.
-      color_jitter_strength: s in [0, 1.25].
-      blur: apply the random Gaussian blur.
-      seeds: int32 [B, 2] stateless seeds, one per image.
-      brightness_impl: "v2" multiplicative (GR default) or "v1" additive.
-      color_distort: apply colour jitter and grayscale.
-
-    Returns:
-      [B, size, size, C] float32 in [0, 1].
-
-    Raises:
-      ValueError: for a strength outside [0, 1.25], a bad channel count or
-        images / seeds that are not [B, H, W, C] / [B, 2].
-    """
-    images = random_ops.as_float(images)
-    seeds = tf.convert_to_tensor(seeds)
-    if images.shape.rank != 4 or seeds.shape.rank != 2 or seeds.shape[1] != 2:
-        raise ValueError(
-            f"images {images.shape} and seeds {seeds.shape} must be "
-            "[B, H, W, C] and [B, 2]; for one image use simclr_augment."
-        )
-    if color_distort:
-        _check_strength(color_jitter_strength)
-    crop_seed, flip_seed, color_seed, blur_seed = random_ops.split_batch(
-        seeds, 4
-    )
-    flip = random_ops.uniform_batch(flip_seed) < 0.5
-    images = crop.random_crop_with_resize_batch(
-        images, size, crop_seed, flip=flip
-    )
-    if color_distort:
-        jitter_seed, apply_seed, gray_seed = random_ops.split_batch(
-            color_seed, 3
-        )
-        jittered = color_jitter_batch(
-            images,
-            color_jitter_strength,
-            jitter_seed,
-            brightness_impl=brightness_impl,
-        )
-        apply, gray = tf.unstack(
-            random_ops.uniform_batch(tf.stack([apply_seed, gray_seed], 1)), 2, 1
-        )
-        images = _select(apply < 0.8, jittered, images)
-        images = _select(gray < 0.2, to_grayscale(images), images)  # p = 0.2
-    if blur:
-        images = _random_blur_batch(images, blur_seed)
-    return tf.clip_by_value(images, 0.0, 1.0)

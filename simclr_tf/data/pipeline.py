@@ -10,10 +10,11 @@ Augmentations themselves live in augment.py.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import tensorflow as tf
 
-from simclr_tf.data import augment, random_ops, sources
+from simclr_tf.data import augment, augment_batch, random_ops, sources
 
 InputFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 AUTOTUNE = tf.data.AUTOTUNE
@@ -102,33 +103,48 @@ def _training_examples(
     ).repeat()
 
 
+class Augmenter(NamedTuple):
+    """How a training pipeline makes its views, in up to three stages.
+
+    per_image(image, label, seed) and per_batch(images, labels, seeds) make
+    the same dict (one element / a [b, ...] batch) on the host; finish(dict)
+    completes a batch of it (e.g. colour distortion after a per-image crop)
+    and is compiled with XLA. Both routes give the same values.
+    """
+
+    per_image: Callable[..., dict]
+    per_batch: Callable[..., dict]
+    finish: Callable[[dict], dict]
+
+
 def _augment_and_batch(
     examples: tf.data.Dataset,
     batch_size: int,
     seed: int | None,
     host: int,
-    augment_fns: tuple[Callable[..., dict], Callable[..., dict]],
+    augmenter: Augmenter,
     batched_augment: bool,
 ) -> tf.data.Dataset:
     """Batches (image, label) pairs and augments them, each with its seed.
 
-    augment_fns: (per_image, per_batch), called as fn(image, label, seed)
-    on one element or on [b, ...] batches. Element k gets stateless seed k
-    of `_element_seeds` on both paths, so they agree. Batched is far faster
-    (fewer ops per image), but images of varying size cannot be batched
-    before cropping: sources without a static H and W go per image. The
-    batched function is compiled with XLA, which fuses its many
-    element-wise ops: 6x faster on 32x32 and 4x on 224x224 batches on a
-    CPU (benchmarks/RESULTS.md).
+    Element k gets stateless seed k of `_element_seeds` on both routes, so
+    they agree. Whole batches are far faster (fewer ops per image, and the
+    batched function is compiled with XLA, which fuses its many element-wise
+    ops: 6x faster on 32x32 and 4x on 224x224 batches on a CPU,
+    benchmarks/RESULTS.md), but images of varying size cannot be batched
+    before cropping: those are cropped per image, batched, then finished.
 
     Returns:
-      Batches of augment_fns' dicts, drop_remainder.
+      Batches of the augmenter's dicts, drop_remainder.
     """
-    per_image, per_batch = augment_fns
     static_size = examples.element_spec[0].shape[:2].is_fully_defined()
     if batched_augment and static_size:
         data = examples.batch(batch_size, drop_remainder=True)
         seeds = _element_seeds(seed, host, batch_size)
+
+        def per_batch(images, labels, seeds_):
+            return augmenter.finish(augmenter.per_batch(images, labels, seeds_))
+
         compiled = tf.function(per_batch, jit_compile=True)
         return tf.data.Dataset.zip(data, seeds).map(
             lambda pair, seeds_: compiled(*pair, seeds_),
@@ -136,10 +152,12 @@ def _augment_and_batch(
         )
     data = tf.data.Dataset.zip(examples, _element_seeds(seed, host))
     data = data.map(
-        lambda pair, seed_: per_image(*pair, seed_),
+        lambda pair, seed_: augmenter.per_image(*pair, seed_),
         num_parallel_calls=AUTOTUNE,
     )
-    return data.batch(batch_size, drop_remainder=True)
+    data = data.batch(batch_size, drop_remainder=True)
+    finish = tf.function(augmenter.finish, jit_compile=True)
+    return data.map(finish, num_parallel_calls=AUTOTUNE)
 
 
 def _finish(data: tf.data.Dataset, seed: int | None) -> tf.data.Dataset:
@@ -148,6 +166,42 @@ def _finish(data: tf.data.Dataset, seed: int | None) -> tf.data.Dataset:
     # Seeded runs must repeat exactly; unseeded ones may reorder for speed.
     options.deterministic = seed is not None
     return data.with_options(options)
+
+
+def distort_views(
+    views: tf.Tensor,
+    view_seeds: tf.Tensor,
+    *,
+    color_jitter_strength: float,
+    blur: bool,
+    brightness_impl: str = "v2",
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Completes cropped views: colour jitter, grayscale, blur, clip.
+
+    The train step calls it under --augment_on_device, the pipeline
+    otherwise; the values are the same.
+
+    Args:
+      views: ([b, S, S, C], [b, S, S, C]) float crops, view1 and view2.
+      view_seeds: int32 [b, 2, 2], image i's two view seeds.
+      color_jitter_strength: s in [0, 1.25].
+      blur: apply the random Gaussian blur.
+      brightness_impl: "v2" multiplicative (GR default) or "v1" additive.
+
+    Returns:
+      (view1, view2), each [b, S, S, C] float32 in [0, 1].
+    """
+    images = tf.concat(list(views), axis=0)
+    seeds = tf.concat([view_seeds[:, 0], view_seeds[:, 1]], axis=0)
+    distorted = augment_batch.distort_batch(
+        images,
+        seeds,
+        color_jitter_strength=color_jitter_strength,
+        blur=blur,
+        brightness_impl=brightness_impl,
+    )
+    view1, view2 = tf.split(distorted, 2, axis=0)
+    return view1, view2
 
 
 def pretrain_input_fn(
@@ -161,16 +215,18 @@ def pretrain_input_fn(
     seed: int | None = None,
     cache: bool = False,
     batched_augment: bool = True,
+    augment_on_device: bool = False,
 ) -> InputFn:
     """Two independently augmented views per image (paper Sec. 2.1).
 
     Per host: shard -> cache (optional) -> shuffle (GR's buffer, see
-    `shuffle_buffer_size`) -> repeat -> batch (drop_remainder) -> two
-    `augment.simclr_augment_batch` views, each image and view with its own
-    stateless seed -> prefetch. With batched_augment=False (or images of
-    varying size) each image is augmented by `augment.simclr_augment`
-    before batching instead: the same seeds, so the same values up to
-    float32 summation order (< 1e-5).
+    `shuffle_buffer_size`) -> repeat -> batch (drop_remainder) -> two views
+    per image, each image and view with its own stateless seed -> prefetch.
+    A view is `augment.simclr_augment` with that seed, made in two stages:
+    crop + flip (whole batches when the images share one size, else per
+    image before batching), then colour jitter, grayscale and blur on the
+    batch (`distort_views`). With augment_on_device the second stage is
+    left to the train step, which calls `distort_views`.
 
     Args:
       source: the training split.
@@ -184,39 +240,58 @@ def pretrain_input_fn(
         every augmentation) given the same TF global seed, which tf.data's
         shuffle mixes in; None is non-deterministic and faster.
       cache: cache the decoded uint8 images in memory after the first pass.
-      batched_augment: augment whole batches (fast) rather than images.
+      batched_augment: crop whole batches (fast) rather than images.
+      augment_on_device: stop after crop + flip and add "view_seeds".
 
     Returns:
       input_fn(input_context) -> infinite dataset of dicts: "view1", "view2"
-      [b, S, S, C] float32 in [0, 1] and "label" [b] int64, with
-      b = the per-replica batch size.
+      [b, S, S, C] float32 in [0, 1] (with augment_on_device: crops before
+      distortion, and "view_seeds" int32 [b, 2, 2] for `distort_views`)
+      and "label" [b] int64, with b = the per-replica batch size.
     """
+    augment.check_strength(color_jitter_strength)
     options = {
         "color_jitter_strength": color_jitter_strength,
         "blur": blur,
         "brightness_impl": brightness_impl,
     }
 
-    def two_views(image: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor):
-        seeds = tf.random.experimental.stateless_split(seed_, 2)
-        views = [
-            augment.simclr_augment(image, image_size, seed=view_seed, **options)
-            for view_seed in tf.unstack(seeds)
-        ]
-        return {"view1": views[0], "view2": views[1], "label": label}
+    def crop_image(image: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor):
+        seeds = random_ops.stateless_split(seed_, 2)  # [2, 2]: view seeds
+        view1, view2 = (
+            augment.crop_and_flip(image, image_size, seeds[i]) for i in (0, 1)
+        )
+        return {
+            "view1": view1,
+            "view2": view2,
+            "view_seeds": seeds,
+            "label": label,
+        }
 
-    def two_views_batch(images: tf.Tensor, labels: tf.Tensor, seeds: tf.Tensor):
+    def crop_batch(images: tf.Tensor, labels: tf.Tensor, seeds: tf.Tensor):
         # Image i's view seeds are stateless_split(seeds[i], 2), as above;
         # both views go through one call on a batch of 2b.
-        seeds = random_ops.stateless_split(seeds, 2)
-        views = augment.simclr_augment_batch(
+        seeds = random_ops.stateless_split(seeds, 2)  # [b, 2, 2]
+        views = augment_batch.crop_and_flip_batch(
             tf.concat([images, images], axis=0),
             image_size,
-            seeds=tf.concat([seeds[:, 0], seeds[:, 1]], axis=0),
-            **options,
+            tf.concat([seeds[:, 0], seeds[:, 1]], axis=0),
         )
         view1, view2 = tf.split(views, 2, axis=0)
-        return {"view1": view1, "view2": view2, "label": labels}
+        return {
+            "view1": view1,
+            "view2": view2,
+            "view_seeds": seeds,
+            "label": labels,
+        }
+
+    def distort(batch: dict) -> dict:
+        if augment_on_device:
+            return batch
+        batch = dict(batch)
+        views = (batch.pop("view1"), batch.pop("view2"))
+        view1, view2 = distort_views(views, batch.pop("view_seeds"), **options)
+        return {"view1": view1, "view2": view2, **batch}
 
     return _training_input_fn(
         source,
@@ -224,7 +299,7 @@ def pretrain_input_fn(
         image_size,
         seed,
         cache,
-        (two_views, two_views_batch),
+        Augmenter(crop_image, crop_batch, distort),
         batched_augment,
     )
 
@@ -257,21 +332,18 @@ def finetune_input_fn(
       input_fn(input_context) -> infinite dataset of dicts: "image"
       [b, S, S, C] float32 in [0, 1] and "label" [b] int64.
     """
-    options = {
-        "color_jitter_strength": 0.0,  # unused without colour distortion
-        "blur": False,
-        "color_distort": False,
-    }
 
     def one_view(image: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor):
-        view = augment.simclr_augment(image, image_size, seed=seed_, **options)
+        view = augment.crop_and_flip(image, image_size, seed_)
         return {"image": view, "label": label}
 
     def one_view_batch(images: tf.Tensor, labels: tf.Tensor, seeds: tf.Tensor):
-        views = augment.simclr_augment_batch(
-            images, image_size, seeds=seeds, **options
-        )
+        views = augment_batch.crop_and_flip_batch(images, image_size, seeds)
         return {"image": views, "label": labels}
+
+    def clip(batch: dict) -> dict:
+        # simclr_augment(color_distort=False, blur=False) ends in this clip.
+        return {**batch, "image": tf.clip_by_value(batch["image"], 0.0, 1.0)}
 
     return _training_input_fn(
         source,
@@ -279,7 +351,7 @@ def finetune_input_fn(
         image_size,
         seed,
         cache,
-        (one_view, one_view_batch),
+        Augmenter(one_view, one_view_batch, clip),
         batched_augment,
     )
 
@@ -290,13 +362,10 @@ def _training_input_fn(
     image_size: int,
     seed: int | None,
     cache: bool,
-    augmenters: tuple[Callable[..., dict], Callable[..., dict]],
+    augmenter: Augmenter,
     batched_augment: bool,
 ) -> InputFn:
-    """The input_fn shared by pretraining and fine-tuning pipelines.
-
-    augmenters: (per-example, per-batch) functions making the views.
-    """
+    """The input_fn shared by pretraining and fine-tuning pipelines."""
 
     def input_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = input_context.get_per_replica_batch_size(global_batch_size)
@@ -308,7 +377,7 @@ def _training_input_fn(
             batch,
             seed,
             input_context.input_pipeline_id,
-            augmenters,
+            augmenter,
             batched_augment,
         )
         return _finish(data, seed)
