@@ -23,6 +23,8 @@ setuptools.setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "tensorboard>=2.21,<2.22",
+        # --mode=preview's caption text (and PNG reports).
+        "pillow>=10",
     ],
     extras_require={"test": ["pytest>=8", "ruff"]},
     entry_points={"console_scripts": ["simclr_tf=simclr_tf.cli:run_main"]},

@@ -3,6 +3,7 @@
 train: pretrain (resumes from --model_dir). eval: offline linear evaluation
 of the latest checkpoint. train_then_eval: both, then export, result.json
 and a summary table. export: a SavedModel of the latest checkpoint.
+preview: <model_dir>/augmentations.png of the training views.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def run(config: config_lib.Config) -> dict[str, object]:
     mode = config.train.mode
     started = time.time()
     os.makedirs(config.model_dir, exist_ok=True)
+    if mode == "preview":
+        from simclr_tf import preview
+
+        return {"preview_path": preview.run_preview(config)}
     if mode in ("train", "train_then_eval"):
         summary = train.run_training(config)
     else:
@@ -70,6 +75,7 @@ def run(config: config_lib.Config) -> dict[str, object]:
         result["train/images_per_second"] = summary["images_per_second"]
         result["train/seconds"] = summary["train_seconds"]
     chief = runtime.is_chief(state.strategy)
+    result.update(reporting.skipped_files(summary["source"]))
     if mode in ("eval", "train_then_eval"):
         result.update(linear_protocol.run_linear_eval(config, state))
     if mode in ("export", "train_then_eval"):

@@ -21,7 +21,7 @@ FLAGS = flags.FLAGS
 MODES = ("train", "eval", "train_then_eval", "export", "preview")
 TRAIN_MODES = ("pretrain", "finetune", "lineareval", "distill")
 IMPLEMENTED_TRAIN_MODES = ("pretrain",)
-IMPLEMENTED_MODES = ("train", "eval", "train_then_eval", "export")
+IMPLEMENTED_MODES = ("train", "eval", "train_then_eval", "export", "preview")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 OPTIMIZERS = ("lars", "momentum", "adam")
@@ -67,7 +67,12 @@ def _define_gr_flags() -> None:
         0,
         "Checkpoint every N steps; overrides checkpoint_epochs.",
     )
-    d.DEFINE_string("eval_split", "validation", "Split to evaluate on.")
+    d.DEFINE_string(
+        "eval_split",
+        "auto",
+        "Split to evaluate on; auto = validation if the dataset has one, "
+        "else test.",
+    )
     d.DEFINE_string(
         "dataset",
         "imagenet2012",
@@ -162,6 +167,12 @@ def _define_extension_flags() -> None:
         "v2: multiplicative brightness (GR default); v1: additive.",
     )
     d.DEFINE_bool(
+        "augment_on_device",
+        False,
+        "Colour jitter, grayscale and blur in the train step instead of "
+        "tf.data (for hosts that cannot keep up).",
+    )
+    d.DEFINE_bool(
         "cifar_stem",
         None,
         "3x3/1 stem without max-pool; default: image_size <= 32.",
@@ -190,12 +201,13 @@ class Data:
     dataset: str = "imagenet2012"
     data_dir: str | None = None
     train_split: str = "train"
-    eval_split: str = "validation"
+    eval_split: str = "auto"
     image_size: int = 224
     color_jitter_strength: float = 1.0
     use_blur: bool = True
     brightness_impl: str = "v2"
     cache_dataset: bool = False
+    augment_on_device: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

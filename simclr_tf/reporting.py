@@ -89,7 +89,7 @@ def log_plan(
         "%d per epoch), warm-up %d, checkpoint every %d; %s trainable "
         "parameters; model_dir %s",
         source.name,
-        config.data.train_split,
+        source.split,
         source.num_examples,
         source.image_shape,
         source.num_classes,
@@ -101,7 +101,46 @@ def log_plan(
         f"{parameters:,}",
         config.model_dir,
     )
+    log_skipped(source)
     logging.info("config:\n%s", config.to_json())
+
+
+MAX_EXAMPLE_PATHS = 10
+
+
+def skipped_files(source: sources.Source) -> dict[str, object]:
+    """result.json entries for the files the source could not read.
+
+    Returns:
+      {} when nothing was skipped, else {"data/skipped_files": total,
+      "data/skipped_by_reason": {reason: count}, "data/skipped_examples":
+      {reason: up to 10 paths}}.
+    """
+    if not source.skipped:
+        return {}
+    return {
+        "data/skipped_files": sum(map(len, source.skipped.values())),
+        "data/skipped_by_reason": {
+            reason: len(paths) for reason, paths in source.skipped.items()
+        },
+        "data/skipped_examples": {
+            reason: list(paths[:MAX_EXAMPLE_PATHS])
+            for reason, paths in source.skipped.items()
+        },
+    }
+
+
+def log_skipped(source: sources.Source) -> None:
+    """One warning per reason: the count and up to 10 example paths."""
+    for reason, paths in sorted(source.skipped.items()):
+        logging.warning(
+            "%s/%s: skipped %d unreadable file(s) (%s), e.g. %s",
+            source.name,
+            source.split,
+            len(paths),
+            reason,
+            ", ".join(paths[:MAX_EXAMPLE_PATHS]),
+        )
 
 
 def write_result(model_dir: str, result: Mapping[str, object]) -> str:

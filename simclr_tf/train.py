@@ -19,7 +19,7 @@ import tensorflow as tf
 from absl import logging
 
 from simclr_tf import config as config_lib
-from simclr_tf import losses, optim, reporting, runtime
+from simclr_tf import losses, optim, preview, reporting, runtime
 from simclr_tf.data import pipeline, sources
 from simclr_tf.models import simclr
 
@@ -201,8 +201,19 @@ def make_train_step(
     temperature = config.loss.temperature
     hidden_norm = config.loss.hidden_norm
 
+    data = config.data
+
     def step(batch: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        images = tf.concat([batch["view1"], batch["view2"]], axis=0)
+        views = (batch["view1"], batch["view2"])
+        if data.augment_on_device:
+            views = pipeline.distort_views(
+                views,
+                batch["view_seeds"],
+                color_jitter_strength=data.color_jitter_strength,
+                blur=data.use_blur,
+                brightness_impl=data.brightness_impl,
+            )
+        images = tf.concat(views, axis=0)
         context = tf.distribute.get_replica_context()
         gather = context if num_replicas > 1 else None
         with tf.GradientTape() as tape:
@@ -444,6 +455,8 @@ def run_training(config: config_lib.Config) -> dict[str, object]:
         ),
     )
     writer = reporting.summary_writer(config.model_dir, chief)
+    if writer is not None:
+        _write_preview_summary(config, source, writer, state)
     with runtime.PreemptionWatcher() as preemption:
         last = _loop(config, state, iterator, train_loop, writer, preemption)
     return {
@@ -455,6 +468,24 @@ def run_training(config: config_lib.Config) -> dict[str, object]:
         "state": state,
         "source": source,
     }
+
+
+def _write_preview_summary(
+    config: config_lib.Config,
+    source: sources.Source,
+    writer: tf.summary.SummaryWriter,
+    state: TrainState,
+) -> None:
+    """The --mode=preview grid of augmented views, to TensorBoard."""
+    grid = preview.preview_grid(config, source)
+    with writer.as_default():
+        tf.summary.image(
+            "augmentations",
+            preview.summary_image(grid),
+            step=int(state.optimizer.iterations.numpy()),
+            description="Each row: a train image, then training views made "
+            "with this run's flags (--mode=preview writes the same PNG).",
+        )
 
 
 def open_train_source(config: config_lib.Config) -> sources.Source:
@@ -497,6 +528,7 @@ def _pretrain_input_fn(
         brightness_impl=data.brightness_impl,
         seed=config.train.seed,
         cache=data.cache_dataset,
+        augment_on_device=data.augment_on_device,
     )
 
 

@@ -98,5 +98,35 @@ def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
     assert outputs["proj_head_output"].shape == (2, 16)
     table = capsys.readouterr().out
     assert "SimCLR encoder (this run)" in table and "raw pixels" in table
-    # TensorBoard event files for train and eval scalars.
-    assert os.listdir(tmp_path / "train") and os.listdir(tmp_path / "eval")
+    # TensorBoard event files for train and eval scalars, and the preview
+    # grid of augmented views written once at the start of training.
+    assert os.listdir(tmp_path / "eval")
+    assert "augmentations" in _summary_tags(tmp_path / "train")
+
+
+def _summary_tags(directory) -> set[str]:
+    tags = set()
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(value.tag for value in event.summary.value)
+    return tags
+
+
+def test_preview_mode_writes_the_grid_and_trains_nothing(tmp_path):
+    finished = _run_cli(
+        f"--model_dir={tmp_path}",
+        "--mode=preview",
+        "--dataset=synthetic",
+        "--train_split=train",
+        "--image_size=32",
+        "--seed=3",
+    )
+    assert finished.returncode == 0, finished.stderr
+    path = tmp_path / "augmentations.png"
+    image = tf.io.decode_png(path.read_bytes()).numpy()
+    # 8 rows of a source and 4 views, 32 px with 2 px gaps, upscaled x2
+    # for the caption (preview.caption_scale: width 172 px < 256).
+    assert image.shape[1] == 2 * (5 * 32 + 6 * 2)
+    assert image.shape[0] > 2 * (8 * 32 + 9 * 2)  # plus the caption
+    assert sorted(os.listdir(tmp_path)) == ["augmentations.png"]

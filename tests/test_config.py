@@ -42,7 +42,9 @@ def test_config_defaults_follow_google_research_simclr():
     assert config.data.color_jitter_strength == 1.0
     assert config.data.use_blur is True
     assert config.model.global_bn is True
-    assert config.data.eval_split == "validation"
+    # GR defaults to "validation"; auto picks it where the dataset has one
+    # (imagenet2012) and "test" where it does not (cifar10).
+    assert config.data.eval_split == "auto"
     assert config.runtime.use_tpu is False  # GR defaults True; we detect.
 
 
