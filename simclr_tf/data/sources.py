@@ -2,21 +2,22 @@
 
 `open_source(name, split)` returns a `Source`: the split's size, classes and
 image shape, and `dataset()` yielding unbatched (uint8 image, int64 label)
-pairs, sharded per host. Augmentation and batching live in pipeline.py.
+pairs, sharded per host. tfds details live in tfds_source.py; augmentation
+and batching in pipeline.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import gzip
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
+
+from simclr_tf.data import tfds_source
 
 # Where Debian's dataset-fashion-mnist package installs the IDX files.
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
@@ -38,6 +39,9 @@ _SYNTHETIC = {"synthetic": (32, 3), "synthetic_gray": (28, 1)}
 _SYNTHETIC_SIZES = {"train": 512, "test": 256}
 _SYNTHETIC_SEEDS = {"train": 0, "test": 1}
 _NUM_PATTERNS = 10
+# split="auto" (the eval split) is the first of these the dataset has.
+AUTO_SPLIT = "auto"
+EVAL_SPLIT_PREFERENCE = ("validation", "test")
 
 Loader = Callable[..., tf.data.Dataset]
 
@@ -48,13 +52,17 @@ class Source:
 
     Attributes:
       name: dataset name as given to `open_source`.
-      split: split name, e.g. "train".
+      split: split name, e.g. "train" or "train[:10%]"; never "auto" (the
+        resolved name is recorded).
       num_examples: examples in the whole split (all hosts together).
       num_classes: number of label values; labels are in [0, num_classes).
       image_shape: (H, W, C) of the stored images; H and W are None for
         datasets whose images vary in size (e.g. imagenet2012).
       origin: where the data is read from: a directory, "tfds:<data_dir>"
         or "synthetic(seed=...)".
+      skipped: files left out because they could not be read, by reason
+        (e.g. "empty", "undecodable", "unsupported_extension") -> their
+        paths; empty for sources without files.
     """
 
     name: str
@@ -63,6 +71,9 @@ class Source:
     num_classes: int
     image_shape: tuple[int | None, int | None, int]
     origin: str = ""
+    skipped: Mapping[str, tuple[str, ...]] = dataclasses.field(
+        default_factory=dict, compare=False
+    )
     _loader: Loader | None = dataclasses.field(
         default=None, repr=False, compare=False
     )
@@ -78,8 +89,8 @@ class Source:
         Args:
           input_context: with it, host `input_pipeline_id` of
             `num_input_pipelines` reads a disjoint shard (in-memory sources
-            take every n-th example; tfds shards by file, so it needs at
-            least as many files as hosts); None reads all.
+            take every n-th example; tfds reads contiguous ranges from
+            tfds.even_splits, any number of files); None reads all.
           shuffle_files: let tfds read its files in shuffled order (seeded by
             open_source's seed); in-memory sources ignore it.
 
@@ -232,6 +243,7 @@ def _fashion_mnist_from_idx(directory: str | None, split: str) -> Source | None:
 def _open_fashion_mnist(
     split: str, data_dir: str | None, seed: int | None
 ) -> Source:
+    split = _resolve_split("fashion_mnist", split, tuple(_FASHION_MNIST_FILES))
     if split not in _FASHION_MNIST_FILES:
         hint = ' use "test"' if split == "validation" else ""
         raise ValueError(
@@ -363,6 +375,7 @@ def synthetic(
 
 
 def _open_synthetic(name: str, split: str) -> Source:
+    split = _resolve_split(name, split, tuple(_SYNTHETIC_SIZES))
     if split not in _SYNTHETIC_SIZES:
         raise ValueError(
             f'split={split!r}: {name} has splits "train" '
@@ -381,87 +394,56 @@ def _open_synthetic(name: str, split: str) -> Source:
     )
 
 
-def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-    try:
-        return tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        known = tfds.list_builders(with_community_datasets=False)
-        ours = ["fashion_mnist", *_SYNTHETIC]
-        close = difflib.get_close_matches(name, ours + known, n=3)
-        raise ValueError(
-            f"--dataset={name!r} is not a known dataset. Use "
-            f"{', '.join(ours)} or a tfds image classification dataset"
-            + (f"; did you mean {', '.join(close)}?" if close else ".")
-        ) from None
+def _resolve_split(dataset: str, split: str, available: Sequence[str]) -> str:
+    """`split`, or for "auto" the first of EVAL_SPLIT_PREFERENCE available.
 
+    Args:
+      dataset: the dataset name, for the error message.
+      split: a split name, a tfds slice, or "auto".
+      available: the dataset's split names; empty when unknown (tfds under
+        tfds.testing.mock_data, which serves any split name): then "auto"
+        is "validation", the first preference.
 
-def _tfds_features(
-    name: str, info: tfds.core.DatasetInfo
-) -> tuple[tuple[int | None, ...], int]:
-    features = info.features
-    if "image" not in features or "label" not in features:
-        raise ValueError(
-            f"--dataset={name!r} has features {list(features)}; simclr_tf "
-            f"needs an 'image' and a 'label' feature (image classification)."
+    Raises:
+      ValueError: "auto" and the dataset has neither split.
+    """
+    if split != AUTO_SPLIT:
+        return split
+    if not available:
+        logging.warning(
+            '%s: split names unknown (tfds mock data?); split="auto" -> '
+            '"validation"',
+            dataset,
         )
-    shape = tuple(features["image"].shape)
-    return shape, int(features["label"].num_classes)
-
-
-def _tfds_num_examples(
-    builder: tfds.core.DatasetBuilder, split: str, load: Loader
-) -> int:
-    """Split size from info; counted when info has none (e.g. under mock)."""
-    splits = builder.info.splits
-    if len(splits):
-        try:
-            return int(splits[split].num_examples)
-        except (KeyError, ValueError) as error:
-            raise ValueError(
-                f"split={split!r}: {builder.name} has splits {list(splits)}; "
-                f"use one of them (slices such as 'train[:10%]' work too)."
-            ) from error
-    data = load(None, False)
-    count = int(data.cardinality())
-    if count < 0:  # unknown or infinite: count one pass
-        count = int(data.reduce(np.int64(0), lambda n, _: n + 1))
-    return count
+        return EVAL_SPLIT_PREFERENCE[0]
+    for name in EVAL_SPLIT_PREFERENCE:
+        if name in available:
+            return name
+    raise ValueError(
+        f'split="auto": {dataset} has no "validation" or "test" split, only '
+        f"{', '.join(available)}; name one, or hold out a slice such as "
+        f"'train[:10%]' for eval (and 'train[10%:]' for training)."
+    )
 
 
 def _open_tfds(
     name: str, split: str, data_dir: str | None, seed: int | None
 ) -> Source:
-    builder = _tfds_builder(name, data_dir)
-    image_shape, num_classes = _tfds_features(name, builder.info)
-    if not builder.is_prepared():
-        logging.warning(
-            "%s is not prepared in %s; running tfds download_and_prepare "
-            "(this may download the dataset)",
-            name,
-            builder.data_dir,
-        )
-        builder.download_and_prepare()
-
-    def load(
-        input_context: tf.distribute.InputContext | None,
-        shuffle_files: bool = False,
-    ) -> tf.data.Dataset:
-        read_config = tfds.ReadConfig(
-            input_context=input_context, shuffle_seed=seed
-        )
-        data = builder.as_dataset(
-            split=split,
-            as_supervised=True,
-            shuffle_files=shuffle_files,
-            read_config=read_config,
-        )
-        return data.map(lambda image, label: (image, tf.cast(label, tf.int64)))
-
-    logging.info("%s %s: reading tfds from %s", name, split, builder.data_dir)
+    """A Source over a tfds builder: facts from its info, prepared first."""
+    other_names = ["fashion_mnist", *_SYNTHETIC]
+    builder = tfds_source.builder(name, data_dir, other_names)
+    image_shape, num_classes = tfds_source.features(name, builder.info)
+    tfds_source.prepare(builder)
+    split = _resolve_split(name, split, tfds_source.split_names(builder))
+    load = tfds_source.loader(builder, split, seed)
+    num_examples = tfds_source.num_examples(builder, split, load)
+    logging.info(
+        "%s %s: %d examples in %s", name, split, num_examples, builder.data_dir
+    )
     return Source(
         name=name,
         split=split,
-        num_examples=_tfds_num_examples(builder, split, load),
+        num_examples=num_examples,
         num_classes=num_classes,
         image_shape=image_shape,
         origin=f"tfds:{builder.data_dir}",
@@ -475,30 +457,51 @@ def open_source(
     *,
     data_dir: str | None = None,
     seed: int | None = None,
+    verify_images: bool = True,
 ) -> Source:
     """Opens one split of a dataset by name.
+
+    "folder" reads a directory of images (folder.py: class sub-folders or a
+    flat unlabelled folder, split sub-folders); "tfrecord" reads shards
+    written by `python -m simclr_tf.tools.make_tfrecords` (tfrecord.py).
 
     Names: "fashion_mnist" (IDX files from data_dir, else
     /usr/share/datasets/fashion-mnist, else tfds; splits train/test),
     "synthetic" (512 train / 256 test images of 32x32x3) and "synthetic_gray"
     (the same counts at 28x28x1), both with 10 classes, see `synthetic`; any
     other name is a tfds builder with "image" and "label" features, prepared
-    with download_and_prepare if data_dir does not hold it yet.
+    with download_and_prepare if data_dir does not hold it yet. A tfds
+    dataset's classes, image shape, split names and sizes come from its
+    builder info.
 
     Args:
       dataset: the name, as --dataset.
-      split: the split, as --train_split / --eval_split; tfds slicing such as
-        "train[:10%]" works for tfds datasets.
-      data_dir: IDX directory for fashion_mnist, tfds data_dir otherwise.
-      seed: seeds tfds's file shuffling; None shuffles differently each run.
+      split: the split, as --train_split / --eval_split: a name, "auto" (the
+        first of "validation", "test" the dataset has), or for tfds a slice
+        such as "train[:10%]", "train[10%:]" or "test[:500]"
+        (num_examples is then the slice's size).
+      data_dir: the folder or shard directory for folder / tfrecord, the
+        IDX directory for fashion_mnist, the tfds data_dir otherwise.
+      seed: seeds file shuffling; None shuffles differently each run.
+      verify_images: folder only: decode every image once when opening, so
+        that unreadable files are counted exactly (Source.skipped).
 
     Returns:
-      The Source.
+      The Source, with the resolved split name.
 
     Raises:
-      ValueError: an unknown dataset, a split it does not have, or a dataset
-        without image/label features.
+      ValueError: an unknown dataset (with close names), a split it does not
+        have or an empty slice (with its splits), a dataset without
+        image/label features, or a tfds dataset that is not prepared and
+        cannot be: it needs a manual download, or the download failed.
     """
+    # Imported here: these modules build on Source.
+    if dataset == "folder":
+        from simclr_tf.data import folder
+
+        return folder.open_folder(
+            data_dir, split, seed=seed, verify=verify_images
+        )
     if dataset == "fashion_mnist":
         return _open_fashion_mnist(split, data_dir, seed)
     if dataset in _SYNTHETIC:

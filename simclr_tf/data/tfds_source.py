@@ -1,0 +1,204 @@
+"""Reading tfds image classification datasets: lookup, preparation, splits.
+
+Every per-dataset fact (classes, image shape, split names and sizes) comes
+from the tfds builder's info. `sources.open_source` is the entry point; it
+turns these pieces into a `sources.Source`. This module knows nothing of
+fashion_mnist IDX files or synthetic data.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+Loader = Callable[..., tf.data.Dataset]
+# Errors a failed download raises: requests' ConnectionError and Timeout are
+# OSErrors; tfds raises DownloadError for HTTP errors.
+_DOWNLOAD_ERRORS = (OSError, tfds.download.DownloadError)
+
+
+def builder(
+    name: str, data_dir: str | None, other_names: Sequence[str] = ()
+) -> tfds.core.DatasetBuilder:
+    """The tfds builder for `name` ("cifar10", "imagenet2012/5.1.0", ...).
+
+    Args:
+      name: a tfds name, as --dataset.
+      data_dir: tfds data_dir; None is tfds's default (~/tensorflow_datasets
+        or $TFDS_DATA_DIR).
+      other_names: names simclr_tf opens without tfds, offered in the error.
+
+    Returns:
+      The builder (not necessarily prepared).
+
+    Raises:
+      ValueError: tfds has no dataset of that name; the message suggests
+        close names.
+    """
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        known = tfds.list_builders(with_community_datasets=False)
+        close = difflib.get_close_matches(name, [*other_names, *known], n=3)
+        raise ValueError(
+            f"--dataset={name!r} is not a known dataset. Use "
+            f"{', '.join(other_names)} or a tfds image classification "
+            f"dataset (tfds.list_builders())"
+            + (f"; did you mean {', '.join(close)}?" if close else ".")
+        ) from None
+
+
+def features(
+    name: str, info: tfds.core.DatasetInfo
+) -> tuple[tuple[int | None, ...], int]:
+    """(image shape, number of classes) from the builder's features.
+
+    Raises:
+      ValueError: no tfds Image feature "image" or ClassLabel "label".
+    """
+    found = info.features
+    image = found["image"] if "image" in found else None
+    label = found["label"] if "label" in found else None
+    if not isinstance(image, tfds.features.Image) or not isinstance(
+        label, tfds.features.ClassLabel
+    ):
+        raise ValueError(
+            f"--dataset={name!r} has features {list(found)}; simclr_tf needs "
+            f"an 'image' Image and an integer 'label' ClassLabel feature "
+            f"(image classification); pick such a dataset."
+        )
+    return tuple(image.shape), int(label.num_classes)
+
+
+def prepare(builder_: tfds.core.DatasetBuilder) -> None:
+    """Runs tfds download_and_prepare if the data is not prepared yet.
+
+    Args:
+      builder_: the builder.
+
+    Raises:
+      ValueError: the dataset needs a manual download (e.g. imagenet2012),
+        or the download failed (network, proxy, checksum).
+    """
+    if builder_.is_prepared():
+        return
+    name, root = builder_.name, builder_.data_dir_root
+    logging.warning(
+        "%s is not prepared in %s; running tfds download_and_prepare "
+        "(this may download the dataset)",
+        name,
+        root,
+    )
+    try:
+        builder_.download_and_prepare()
+    except AssertionError as error:  # tfds's "Manual directory ... empty"
+        if "manual" not in str(error).lower():
+            raise
+        manual_dir = f"{root}/downloads/manual"
+        needs = " ".join(str(builder_.MANUAL_DOWNLOAD_INSTRUCTIONS).split())
+        raise ValueError(
+            f"--dataset={name!r} is not prepared in --data_dir={root} and "
+            f"tfds cannot download it: it needs a manual download ({needs}). "
+            f"Put the files in {manual_dir} and run `tfds build {name} "
+            f"--data_dir={root} --manual_dir={manual_dir}`, or point "
+            f"--data_dir at a directory holding a prepared copy."
+        ) from error
+    except _DOWNLOAD_ERRORS as error:
+        cause = str(error).strip().splitlines()[0] if str(error) else ""
+        raise ValueError(
+            f"--dataset={name!r} is not prepared in --data_dir={root} and "
+            f"downloading it failed ({type(error).__name__}: {cause}). Check "
+            f"the network or proxy, or prepare it elsewhere with `tfds build "
+            f"{name} --data_dir=DIR` and point --data_dir at DIR."
+        ) from error
+
+
+def split_names(builder_: tfds.core.DatasetBuilder) -> tuple[str, ...]:
+    """The prepared split names; empty when unknown (under tfds mock_data)."""
+    return tuple(builder_.info.splits)
+
+
+def _describe_splits(builder_: tfds.core.DatasetBuilder) -> str:
+    return ", ".join(
+        f"{name} ({info.num_examples})"
+        for name, info in builder_.info.splits.items()
+    )
+
+
+def num_examples(
+    builder_: tfds.core.DatasetBuilder, split: str, load: Loader
+) -> int:
+    """Examples in `split`, a split name or a slice such as "train[:10%]".
+
+    From the builder's split info, which tfds resolves for slices too; when
+    the info has no splits (only under tfds.testing.mock_data, whose data
+    ignores the split), one pass of `load(None, False)` is counted.
+
+    Raises:
+      ValueError: the split (or the split a slice names) does not exist, the
+        slice does not parse, or it selects no examples.
+    """
+    if split_names(builder_):
+        try:
+            count = int(builder_.info.splits[split].num_examples)
+        except (KeyError, ValueError) as error:
+            cause = str(error).strip().splitlines()[0].rstrip(".")
+            raise ValueError(
+                f"split={split!r}: {builder_.name} has splits "
+                f"{_describe_splits(builder_)}; use one of them or a slice "
+                f"such as 'train[:10%]' or 'test[:500]' ({cause})."
+            ) from None
+    else:
+        data = load(None, False)
+        count = int(data.cardinality())
+        if count < 0:  # unknown or infinite: count one pass
+            count = int(data.reduce(np.int64(0), lambda n, _: n + 1))
+    if count == 0:
+        raise ValueError(
+            f"split={split!r} of {builder_.name} selects no examples; widen "
+            f"the slice (splits: {_describe_splits(builder_) or 'unknown'})."
+        )
+    return count
+
+
+def loader(
+    builder_: tfds.core.DatasetBuilder, split: str, seed: int | None
+) -> Loader:
+    """A Source loader over `split` of a prepared builder.
+
+    With an input context of n > 1 pipelines, host i reads
+    `tfds.even_splits(split, n)[i]`: contiguous, disjoint example ranges of
+    equal size (+-1) that together cover the split, whatever the number of
+    files. (tfds's per-file sharding through ReadConfig(input_context=...)
+    fails with fewer files than hosts, e.g. cifar10's single train file,
+    and gives unequal shards otherwise.) Under tfds.testing.mock_data the
+    split and read config are ignored and every host gets the mock data.
+    """
+
+    def load(
+        input_context: tf.distribute.InputContext | None,
+        shuffle_files: bool = False,
+    ) -> tf.data.Dataset:
+        read_split = split
+        if input_context is not None and input_context.num_input_pipelines > 1:
+            hosts = input_context.num_input_pipelines
+            shards = tfds.even_splits(split, n=hosts)
+            read_split = shards[input_context.input_pipeline_id]
+        data = builder_.as_dataset(
+            split=read_split,
+            shuffle_files=shuffle_files,
+            read_config=tfds.ReadConfig(shuffle_seed=seed),
+        )
+        return data.map(
+            lambda example: (
+                example["image"],
+                tf.cast(example["label"], tf.int64),
+            )
+        )
+
+    return load
