@@ -54,7 +54,8 @@ def run(config: config_lib.Config) -> dict[str, object]:
     if mode == "preview":
         from simclr_tf import preview
 
-        return {"preview_path": preview.run_preview(config)}
+        source = train.open_train_source(config)
+        return {"preview_path": preview.run_preview(config, source)}
     if mode in ("train", "train_then_eval"):
         summary = train.run_training(config)
     else:

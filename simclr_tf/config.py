@@ -167,6 +167,12 @@ def _define_extension_flags() -> None:
         "v2: multiplicative brightness (GR default); v1: additive.",
     )
     d.DEFINE_bool(
+        "verify_images",
+        True,
+        "--dataset=folder: decode every image once when opening, to count "
+        "unreadable files (off: they are skipped uncounted while training).",
+    )
+    d.DEFINE_bool(
         "augment_on_device",
         False,
         "Colour jitter, grayscale and blur in the train step instead of "
@@ -208,6 +214,7 @@ class Data:
     brightness_impl: str = "v2"
     cache_dataset: bool = False
     augment_on_device: bool = False
+    verify_images: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -18,7 +18,7 @@ from absl import logging
 
 from simclr_tf import config as config_lib
 from simclr_tf import evaluate, runtime, train
-from simclr_tf.data import pipeline, sources
+from simclr_tf.data import pipeline
 
 
 def run_linear_eval(
@@ -76,12 +76,7 @@ def run_linear_eval(
 
 
 def _eval_dataset(config: config_lib.Config, split: str) -> tf.data.Dataset:
-    source = sources.open_source(
-        config.data.dataset,
-        split,
-        data_dir=config.data.data_dir,
-        seed=config.train.seed,
-    )
+    source = train.open_split(config, split)
     data = pipeline.eval_dataset(
         source,
         batch_size=config.eval.eval_batch_size,

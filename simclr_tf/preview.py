@@ -365,23 +365,19 @@ def preview_grid(
     return caption_image(augmentation_grid(images, views), caption)
 
 
-def run_preview(config: config_lib.Config, **kwargs: int) -> str:
-    """Writes <model_dir>/augmentations.png of the train split's views.
+def run_preview(
+    config: config_lib.Config, source: sources.Source, **kwargs: int
+) -> str:
+    """Writes <model_dir>/augmentations.png of the source's views.
 
     Args:
       config: the run's Config; model_dir must be set.
+      source: the training split (train.open_train_source).
       **kwargs: num_images and views_per_image of `preview_grid`.
 
     Returns:
       The written PNG's path.
     """
-    data = config.data
-    source = sources.open_source(
-        data.dataset,
-        data.train_split,
-        data_dir=data.data_dir,
-        seed=config.train.seed,
-    )
     picture = preview_grid(config, source, **kwargs)
     path = os.path.join(config.model_dir, PREVIEW_FILENAME)
     write_preview(path, picture)

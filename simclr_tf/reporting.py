@@ -101,7 +101,6 @@ def log_plan(
         f"{parameters:,}",
         config.model_dir,
     )
-    log_skipped(source)
     logging.info("config:\n%s", config.to_json())
 
 
@@ -128,19 +127,6 @@ def skipped_files(source: sources.Source) -> dict[str, object]:
             for reason, paths in source.skipped.items()
         },
     }
-
-
-def log_skipped(source: sources.Source) -> None:
-    """One warning per reason: the count and up to 10 example paths."""
-    for reason, paths in sorted(source.skipped.items()):
-        logging.warning(
-            "%s/%s: skipped %d unreadable file(s) (%s), e.g. %s",
-            source.name,
-            source.split,
-            len(paths),
-            reason,
-            ", ".join(paths[:MAX_EXAMPLE_PATHS]),
-        )
 
 
 def write_result(model_dir: str, result: Mapping[str, object]) -> str:

@@ -488,14 +488,20 @@ def _write_preview_summary(
         )
 
 
-def open_train_source(config: config_lib.Config) -> sources.Source:
-    """The --train_split of --dataset."""
+def open_split(config: config_lib.Config, split: str) -> sources.Source:
+    """One split of --dataset, opened with the run's data flags."""
     return sources.open_source(
         config.data.dataset,
-        config.data.train_split,
+        split,
         data_dir=config.data.data_dir,
         seed=config.train.seed,
+        verify_images=config.data.verify_images,
     )
+
+
+def open_train_source(config: config_lib.Config) -> sources.Source:
+    """The --train_split of --dataset."""
+    return open_split(config, config.data.train_split)
 
 
 def restore_for_eval(config: config_lib.Config) -> dict[str, object]:

@@ -130,3 +130,48 @@ def test_preview_mode_writes_the_grid_and_trains_nothing(tmp_path):
     assert image.shape[1] == 2 * (5 * 32 + 6 * 2)
     assert image.shape[0] > 2 * (8 * 32 + 9 * 2)  # plus the caption
     assert sorted(os.listdir(tmp_path)) == ["augmentations.png"]
+
+
+def test_folder_dataset_trains_and_reports_skipped_files(tmp_path):
+    """--dataset=folder end to end: broken files are counted, not fatal."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("cats", "dogs"):
+        directory = tmp_path / "data" / label
+        directory.mkdir(parents=True)
+        for index in range(8):
+            side = int(rng.integers(12, 30))  # any size: crops are resized
+            pixels = rng.integers(0, 256, (side, side + 3, 3), np.uint8)
+            Image.fromarray(pixels).save(directory / f"{index}.png")
+    (tmp_path / "data" / "cats" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "data" / "dogs" / "notes.png").write_text("not an image")
+    config = config_lib.validate(
+        config_lib.from_dict(
+            {
+                "model_dir": str(tmp_path / "run"),
+                "mode": "train",
+                "dataset": "folder",
+                "data_dir": str(tmp_path / "data"),
+                "image_size": 16,
+                "resnet_depth": 18,
+                "width_multiplier": 0.125,
+                "num_proj_layers": 2,
+                "proj_out_dim": 16,
+                "train_batch_size": 8,
+                "train_steps": 2,
+                "warmup_epochs": 0,
+                "precision": "float32",
+                "seed": 0,
+            }
+        )
+    )
+    result = cli.run(config)
+    assert result["step"] == 2
+    with open(tmp_path / "run" / "result.json") as file:
+        written = json.load(file)
+    assert written["data/skipped_files"] == 2
+    assert written["data/skipped_by_reason"] == {"empty": 1, "undecodable": 1}
+    assert written["data/skipped_examples"]["undecodable"] == [
+        str(tmp_path / "data" / "dogs" / "notes.png")
+    ]

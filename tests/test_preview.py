@@ -232,14 +232,16 @@ def test_run_preview_writes_model_dir_png(tmp_path):
         ),
         train=config.Train(seed=5),
     )
-    path = preview.run_preview(run_config, num_images=2, views_per_image=3)
+    source = sources.open_source("synthetic", "train")
+    path = preview.run_preview(
+        run_config, source, num_images=2, views_per_image=3
+    )
     assert path == os.path.join(str(tmp_path / "run"), "augmentations.png")
     picture = np.asarray(Image.open(path))
     # Grid 2 x 32 + 3 x 2 = 70 high, 4 x 32 + 5 x 2 = 138 wide: scale 2.
     assert picture.shape[1] == 2 * 138
     assert picture.shape[0] > 2 * 70
     # The grid part equals make_views with the config's seed and options.
-    source = sources.open_source("synthetic", "train")
     images, views = preview.make_views(
         source,
         num_images=2,
