@@ -115,13 +115,12 @@ def skipped_files(source: sources.Source) -> dict[str, object]:
       "data/skipped_by_reason": {reason: count}, "data/skipped_examples":
       {reason: up to 10 paths}}.
     """
-    if not source.skipped:
+    counts = source.skip_counts()
+    if not counts:
         return {}
     return {
-        "data/skipped_files": sum(map(len, source.skipped.values())),
-        "data/skipped_by_reason": {
-            reason: len(paths) for reason, paths in source.skipped.items()
-        },
+        "data/skipped_files": sum(counts.values()),
+        "data/skipped_by_reason": counts,
         "data/skipped_examples": {
             reason: list(paths[:MAX_EXAMPLE_PATHS])
             for reason, paths in source.skipped.items()

@@ -63,6 +63,8 @@ class Source:
       skipped: files left out because they could not be read, by reason
         (e.g. "empty", "undecodable", "unsupported_extension") -> their
         paths; empty for sources without files.
+      skipped_counts: reason -> count where `skipped` holds only examples
+        (TFRecord shards record up to 10 paths); else len(skipped[reason]).
     """
 
     name: str
@@ -74,9 +76,19 @@ class Source:
     skipped: Mapping[str, tuple[str, ...]] = dataclasses.field(
         default_factory=dict, compare=False
     )
+    skipped_counts: Mapping[str, int] = dataclasses.field(
+        default_factory=dict, compare=False
+    )
     _loader: Loader | None = dataclasses.field(
         default=None, repr=False, compare=False
     )
+
+    def skip_counts(self) -> dict[str, int]:
+        """reason -> number of files skipped for it."""
+        return {
+            reason: int(self.skipped_counts.get(reason, len(paths)))
+            for reason, paths in self.skipped.items()
+        }
 
     def dataset(
         self,
@@ -502,6 +514,10 @@ def open_source(
         return folder.open_folder(
             data_dir, split, seed=seed, verify=verify_images
         )
+    if dataset == "tfrecord":
+        from simclr_tf.data import tfrecord
+
+        return tfrecord.open_tfrecord(data_dir, split, seed=seed)
     if dataset == "fashion_mnist":
         return _open_fashion_mnist(split, data_dir, seed)
     if dataset in _SYNTHETIC:

@@ -1,0 +1,1 @@
+"""Command-line tools that prepare data for simclr_tf."""
