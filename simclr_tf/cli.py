@@ -32,7 +32,14 @@ def main(argv: Sequence[str]) -> None:
         config = config_lib.validate(config_lib.Config.from_flags())
     except ValueError as error:
         sys.exit(f"simclr_tf: {error}")
-    run(config)
+    try:
+        run(config)
+    except (ValueError, FileNotFoundError) as error:
+        # Bad input found once data or checkpoints are opened (an unknown
+        # dataset or split, an empty folder, a missing checkpoint): one line
+        # naming cause and fix; the traceback only with --verbosity=1.
+        logging.debug("traceback:", exc_info=True)
+        sys.exit(f"simclr_tf: {error}")
 
 
 def run(config: config_lib.Config) -> dict[str, object]:

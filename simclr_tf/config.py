@@ -431,6 +431,14 @@ def _check_run(config: Config) -> list[str]:
             "--precision=mixed_float16 is not supported on TPU; use "
             "--precision=mixed_bfloat16."
         )
+    if config.data.dataset in ("folder", "tfrecord") and not (
+        config.data.data_dir
+    ):
+        problems.append(
+            f"--dataset={config.data.dataset} reads --data_dir, which is "
+            f"not set; pass --data_dir=PATH (the image folder, or the "
+            f"directory make_tfrecords wrote)."
+        )
     if config.data.brightness_impl not in ("v1", "v2"):
         problems.append(
             f"--brightness_impl={config.data.brightness_impl} must be v1 or v2."

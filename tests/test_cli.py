@@ -175,3 +175,19 @@ def test_folder_dataset_trains_and_reports_skipped_files(tmp_path):
     assert written["data/skipped_examples"]["undecodable"] == [
         str(tmp_path / "data" / "dogs" / "notes.png")
     ]
+
+
+def test_cli_data_errors_are_one_line(tmp_path):
+    """Bad data found after validation: one line naming cause and fix."""
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "--dataset=folder": "--dataset=folder reads --data_dir",
+        f"--dataset=folder --data_dir={tmp_path / 'empty'}": "no readable",
+        "--dataset=cifar100x": "did you mean cifar100",
+        "--dataset=synthetic --train_split=tran": "has splits",
+    }
+    for flags, message in cases.items():
+        finished = _run_cli(f"--model_dir={tmp_path / 'run'}", *flags.split())
+        assert finished.returncode == 1, flags
+        assert message in finished.stderr, (flags, finished.stderr)
+        assert "Traceback" not in finished.stderr, flags
