@@ -58,15 +58,22 @@ def run(config: config_lib.Config) -> dict[str, object]:
     mode = config.train.mode
     started = time.time()
     os.makedirs(config.model_dir, exist_ok=True)
+    source = train.open_train_source(config)
     if mode == "preview":
         from simclr_tf import preview
 
-        source = train.open_train_source(config)
         return {"preview_path": preview.run_preview(config, source)}
+    if mode in ("eval", "train_then_eval") and source.num_classes == 0:
+        raise ValueError(
+            f"--mode={mode}: {source.name} {source.split} at {source.origin} "
+            f"has no labels (a flat image folder), so there is nothing to "
+            f"evaluate; use --mode=train, or put the images in class "
+            f"sub-folders."
+        )
     if mode in ("train", "train_then_eval"):
-        summary = train.run_training(config)
+        summary = train.run_training(config, source)
     else:
-        summary = train.restore_for_eval(config)
+        summary = train.restore_for_eval(config, source)
     state = summary["state"]
     if summary.get("preempted"):
         return {
@@ -85,7 +92,7 @@ def run(config: config_lib.Config) -> dict[str, object]:
     chief = runtime.is_chief(state.strategy)
     result.update(reporting.skipped_files(summary["source"]))
     if mode in ("eval", "train_then_eval"):
-        result.update(linear_protocol.run_linear_eval(config, state))
+        result.update(linear_protocol.run_linear_eval(config, state, source))
     if mode in ("export", "train_then_eval"):
         # Every worker exports (saving may run collectives); only the
         # chief's copy is kept.
@@ -122,7 +129,7 @@ def format_table(result: Mapping[str, object]) -> str:
     ]
     lines = [
         f"linear evaluation on {result['config']['data']['dataset']}/"
-        f"{result['config']['data']['eval_split']} (step {result['step']}, "
+        f"{result['eval/split']} (step {result['step']}, "
         f"{result['wall_seconds'] / 60:.1f} min)",
         f"{'representation':<28}{'top-1':>8}{'top-5':>8}",
     ]

@@ -18,25 +18,32 @@ from absl import logging
 
 from simclr_tf import config as config_lib
 from simclr_tf import evaluate, runtime, train
-from simclr_tf.data import pipeline
+from simclr_tf.data import pipeline, sources
 
 
 def run_linear_eval(
-    config: config_lib.Config, state: train.TrainState
-) -> dict[str, float]:
+    config: config_lib.Config,
+    state: train.TrainState,
+    train_source: sources.Source | None = None,
+) -> dict[str, object]:
     """Linear-evaluates the trained encoder and the two baselines.
 
     Args:
       config: the run's Config (dataset, splits, image size, eval settings).
       state: the TrainState holding the trained model.
+      train_source: the --train_split source if already open (an image
+        folder is then not listed and verified twice).
 
     Returns:
       Metrics named as in TensorBoard: eval/top_1, eval/top_5,
       eval/random_init/top_1, eval/pixels/top_1, ... and example counts.
     """
     started = time.time()
-    train_data = _eval_dataset(config, config.data.train_split)
-    test_data = _eval_dataset(config, config.data.eval_split)
+    if train_source is None:
+        train_source = train.open_train_source(config)
+    test_source = train.open_split(config, config.data.eval_split)
+    train_data = _eval_dataset(config, train_source)
+    test_data = _eval_dataset(config, test_source)
     num_classes = state.num_classes
     representations: dict[str, Callable[[tf.data.Dataset], tuple]] = {
         "": lambda data: evaluate.extract_features(state.model, data),
@@ -47,7 +54,7 @@ def run_linear_eval(
             evaluate.extract_features(random_model, data)
         )
         representations["pixels/"] = evaluate.pixel_features
-    result: dict[str, float] = {}
+    result: dict[str, object] = {"eval/split": test_source.split}
     for prefix, featurize in representations.items():
         train_features, train_labels = featurize(train_data)
         test_features, test_labels = featurize(test_data)
@@ -75,8 +82,9 @@ def run_linear_eval(
     return result
 
 
-def _eval_dataset(config: config_lib.Config, split: str) -> tf.data.Dataset:
-    source = train.open_split(config, split)
+def _eval_dataset(
+    config: config_lib.Config, source: sources.Source
+) -> tf.data.Dataset:
     data = pipeline.eval_dataset(
         source,
         batch_size=config.eval.eval_batch_size,
@@ -105,7 +113,7 @@ def _random_init_model(
 def _write_scalars(
     config: config_lib.Config,
     state: train.TrainState,
-    result: dict[str, float],
+    result: dict[str, object],
 ) -> None:
     if not runtime.is_chief(state.strategy):
         return
@@ -115,5 +123,6 @@ def _write_scalars(
     )
     with writer.as_default(step=step):
         for name, value in result.items():
-            tf.summary.scalar(name, value)
+            if isinstance(value, (int, float)):  # not eval/split
+                tf.summary.scalar(name, value)
     writer.flush()

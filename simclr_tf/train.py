@@ -418,11 +418,14 @@ def _restore_or_initialize(
         )
 
 
-def run_training(config: config_lib.Config) -> dict[str, object]:
+def run_training(
+    config: config_lib.Config, source: sources.Source | None = None
+) -> dict[str, object]:
     """Pretrains per `config`, resuming from model_dir when it has a checkpoint.
 
     Args:
       config: a validated Config with train_mode=pretrain.
+      source: the --train_split source if already open; None opens it.
 
     Returns:
       A summary: final step, the last loop's metrics, images/s, wall time,
@@ -434,7 +437,7 @@ def run_training(config: config_lib.Config) -> dict[str, object]:
     """
     started = time.time()
     strategy = setup_run(config)
-    source = open_train_source(config)
+    source = source or open_train_source(config)
     state = build_state(config, strategy, source)
     chief = runtime.is_chief(strategy)
     if chief:
@@ -504,14 +507,16 @@ def open_train_source(config: config_lib.Config) -> sources.Source:
     return open_split(config, config.data.train_split)
 
 
-def restore_for_eval(config: config_lib.Config) -> dict[str, object]:
+def restore_for_eval(
+    config: config_lib.Config, source: sources.Source | None = None
+) -> dict[str, object]:
     """Builds the model and restores the latest checkpoint of model_dir.
 
     Raises:
       FileNotFoundError: model_dir holds no checkpoint.
     """
     strategy = setup_run(config)
-    source = open_train_source(config)
+    source = source or open_train_source(config)
     if tf.train.latest_checkpoint(config.model_dir) is None:
         raise FileNotFoundError(
             f"--model_dir={config.model_dir} holds no checkpoint to "

@@ -89,6 +89,7 @@ def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
     ):
         assert 0.0 <= written[name] < float("inf"), name
     assert written["eval/num_test"] == 64
+    assert written["eval/split"] == "test"
     assert written["config"]["model"]["width_multiplier"] == 0.125
     assert written["versions"]["tensorflow"] == tf.__version__
     assert result["export_path"] == str(tmp_path / "saved_model" / "4")
@@ -179,8 +180,14 @@ def test_folder_dataset_trains_and_reports_skipped_files(tmp_path):
 
 def test_cli_data_errors_are_one_line(tmp_path):
     """Bad data found after validation: one line naming cause and fix."""
+    from PIL import Image
+
     (tmp_path / "empty").mkdir()
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
     cases = {
+        f"--dataset=folder --data_dir={tmp_path / 'flat'} "
+        "--mode=train_then_eval": "has no labels (a flat image folder)",
         "--dataset=folder": "--dataset=folder reads --data_dir",
         f"--dataset=folder --data_dir={tmp_path / 'empty'}": "no readable",
         "--dataset=cifar100x": "did you mean cifar100",
