@@ -293,12 +293,6 @@ def test_resnet_rejects_unknown_depth():
         resnet.ResNet(42)
 
 
-@pytest.mark.parametrize("argument", ["sk_ratio", "se_ratio"])
-def test_resnet_rejects_unimplemented_v2_blocks(argument):
-    with pytest.raises(ValueError, match=f"{argument}=0.0625.*not implemented"):
-        resnet.ResNet(50, **{argument: 0.0625})
-
-
 def test_endpoints_model_rejects_foreign_model():
     inputs = keras.Input((8, 8, 3))
     model = keras.Model(inputs, keras.layers.Flatten()(inputs))

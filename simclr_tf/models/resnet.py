@@ -2,8 +2,10 @@
 
 Follows google-research/simclr (GR): stride on the 3x3 conv ("v1.5"), fixed
 padding for strided convs, zero-initialised last BN gamma in every residual
-branch, optional CIFAR stem and fractional width multipliers. Selective
-kernels (SK) and squeeze-excitation (SE) of SimCLRv2 are not implemented yet.
+branch, optional CIFAR stem and fractional width multipliers, and SimCLRv2's
+selective kernels (SK, with the ResNet-D stem and shortcuts) and
+squeeze-excitation (SE). With sk_ratio = se_ratio = 0 the layers, names and
+weights are those of the plain ResNet.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import keras
 from simclr_tf.models import batch_norm
 
 BATCH_NORM_EPSILON = 1e-5
+# Smallest hidden width of the SK gate (GR's SK_Conv2D min_dim).
+SK_MIN_HIDDEN = 32
 # Blocks per group and whether the block is a bottleneck (GR tf2/resnet.py).
 BLOCKS_PER_GROUP = {
     18: ((2, 2, 2, 2), False),
@@ -112,6 +116,147 @@ def _batch_norm(
     return outputs
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
+class SelectiveKernelSqueeze(keras.layers.Layer):
+    """Sums the two SK streams and averages over space (the gate's input).
+
+    Input [B, H, W, 2C] (stream 0 = first C channels); output [B, 1, 1, C].
+    """
+
+    def call(self, streams):
+        first, second = keras.ops.split(streams, 2, axis=-1)
+        return keras.ops.mean(first + second, axis=(1, 2), keepdims=True)
+
+
+@keras.saving.register_keras_serializable(package="simclr_tf")
+class SelectiveKernelSelect(keras.layers.Layer):
+    """Mixes the two SK streams with a softmax over per-channel logits.
+
+    Inputs: streams [B, H, W, 2C] and logits [B, 1, 1, 2C], both split into
+    stream 0 (first C channels) and stream 1; output [B, H, W, C] =
+    sum_s softmax_s(logits)[s] * stream[s].
+    """
+
+    def call(self, inputs):
+        streams, logits = inputs
+        streams = keras.ops.stack(keras.ops.split(streams, 2, axis=-1))
+        logits = keras.ops.stack(keras.ops.split(logits, 2, axis=-1))
+        weights = keras.ops.softmax(logits, axis=0)
+        return keras.ops.sum(streams * weights, axis=0)
+
+
+def _selective_kernel_conv(
+    inputs: keras.KerasTensor,
+    filters: int,
+    strides: int,
+    sk_ratio: float,
+    prefix: str,
+    bn_kwargs: dict,
+) -> keras.KerasTensor:
+    """SK conv (Li et al. 2019) as in GR: replaces a bottleneck's 3x3 conv-BN.
+
+    One 3x3 conv with 2 * filters channels (two streams of `filters`), BN-
+    ReLU; the gate: streams summed, spatial mean, 1x1 conv to
+    max(int(filters * sk_ratio), 32), BN-ReLU, 1x1 conv to 2 * filters
+    logits (no biases); the output is the softmax-weighted sum of streams.
+    """
+    streams = conv2d_fixed_padding(
+        inputs, 2 * filters, 3, strides, prefix + "sk_conv2d"
+    )
+    streams = _batch_norm(
+        streams,
+        prefix + "sk_batch_normalization",
+        relu=True,
+        zero_init=False,
+        **bn_kwargs,
+    )
+    gate = SelectiveKernelSqueeze(name=prefix + "sk_squeeze")(streams)
+    hidden = max(int(filters * sk_ratio), SK_MIN_HIDDEN)
+    gate = conv2d_fixed_padding(gate, hidden, 1, 1, prefix + "sk_gate_conv2d_0")
+    gate = _batch_norm(
+        gate,
+        prefix + "sk_gate_batch_normalization",
+        relu=True,
+        zero_init=False,
+        **bn_kwargs,
+    )
+    logits = conv2d_fixed_padding(
+        gate, 2 * filters, 1, 1, prefix + "sk_gate_conv2d_1"
+    )
+    return SelectiveKernelSelect(name=prefix + "sk_select")([streams, logits])
+
+
+def _squeeze_excitation(
+    inputs: keras.KerasTensor, filters: int, se_ratio: float, prefix: str
+) -> keras.KerasTensor:
+    """SE (Hu et al. 2018) as in GR: x * sigmoid(W2 relu(W1 mean_hw(x))).
+
+    W1, W2 are 1x1 convs with biases; W1 has max(1, int(filters *
+    se_ratio)) outputs, where `filters` is the block's base width (not x4
+    for bottlenecks), and W2 restores the input's channels.
+    """
+    initializer = keras.initializers.VarianceScaling(
+        scale=1.0, mode="fan_in", distribution="truncated_normal"
+    )
+    gate = keras.layers.GlobalAveragePooling2D(
+        keepdims=True, name=prefix + "se_pool"
+    )(inputs)
+    for suffix, channels, activation in (
+        ("se_reduce", max(1, int(filters * se_ratio)), "relu"),
+        ("se_expand", inputs.shape[-1], "sigmoid"),
+    ):
+        gate = keras.layers.Conv2D(
+            channels,
+            1,
+            activation=activation,
+            kernel_initializer=initializer,
+            name=prefix + suffix,
+        )(gate)
+    return keras.layers.Multiply(name=prefix + "se_multiply")([inputs, gate])
+
+
+def _shortcut(
+    inputs: keras.KerasTensor,
+    filters: int,
+    strides: int,
+    resnet_d: bool,
+    prefix: str,
+    bn_kwargs: dict,
+) -> keras.KerasTensor:
+    """Projection shortcut: 1x1/strides conv-BN, or ResNet-D's pool first.
+
+    ResNet-D (He et al. 2019, used by GR when sk_ratio > 0) average-pools
+    2x2 before a 1x1/1 conv: stride 1 pools with SAME (padding excluded
+    from the mean); stride s > 1 pads one zero row/column after, then pools
+    2x2/s VALID (an odd side's last window averages one zero in), as GR.
+    """
+    conv_strides = strides
+    if resnet_d:
+        pool_padding = "same"
+        if strides > 1:
+            inputs = keras.layers.ZeroPadding2D(
+                ((0, 1), (0, 1)), name=prefix + "projection_pool_pad"
+            )(inputs)
+            pool_padding = "valid"
+        inputs = keras.layers.AveragePooling2D(
+            pool_size=2,
+            strides=strides,
+            padding=pool_padding,
+            name=prefix + "projection_pool",
+        )(inputs)
+        conv_strides = 1
+    shortcut = conv2d_fixed_padding(
+        inputs, filters, 1, conv_strides, prefix + "projection_conv2d"
+    )
+    return _batch_norm(
+        shortcut,
+        prefix + "projection_batch_normalization",
+        relu=False,
+        zero_init=False,
+        **bn_kwargs,
+    )
+
+
 def _residual_block(
     inputs: keras.KerasTensor,
     filters: int,
@@ -120,24 +265,23 @@ def _residual_block(
     bottleneck: bool,
     prefix: str,
     bn_kwargs: dict,
+    *,
+    sk_ratio: float = 0.0,
+    se_ratio: float = 0.0,
 ) -> keras.KerasTensor:
     """One basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1) block, v1.5.
 
     The stride sits on the (first) 3x3 conv; the branch's last BN has gamma
-    initialised to 0, so at init the block returns relu(shortcut).
+    initialised to 0, so at init the block returns relu(shortcut). As in GR,
+    sk_ratio > 0 gives the projection shortcut ResNet-D's average pool and
+    turns a bottleneck's 3x3 conv-BN-ReLU into an SK conv (basic blocks
+    keep plain convs); se_ratio > 0 applies SE after the branch's last BN.
     """
     out_filters = filters * BOTTLENECK_EXPANSION if bottleneck else filters
     shortcut = inputs
     if use_projection:
-        shortcut = conv2d_fixed_padding(
-            inputs, out_filters, 1, strides, prefix + "projection_conv2d"
-        )
-        shortcut = _batch_norm(
-            shortcut,
-            prefix + "projection_batch_normalization",
-            relu=False,
-            zero_init=False,
-            **bn_kwargs,
+        shortcut = _shortcut(
+            inputs, out_filters, strides, sk_ratio > 0, prefix, bn_kwargs
         )
     if bottleneck:
         convs = ((filters, 1, 1), (filters, 3, strides), (out_filters, 1, 1))
@@ -145,6 +289,11 @@ def _residual_block(
         convs = ((filters, 3, strides), (out_filters, 3, 1))
     outputs = inputs
     for index, (conv_filters, kernel_size, conv_strides) in enumerate(convs):
+        if bottleneck and index == 1 and sk_ratio > 0:
+            outputs = _selective_kernel_conv(
+                outputs, conv_filters, conv_strides, sk_ratio, prefix, bn_kwargs
+            )
+            continue
         is_last = index == len(convs) - 1
         outputs = conv2d_fixed_padding(
             outputs,
@@ -160,6 +309,8 @@ def _residual_block(
             zero_init=is_last,
             **bn_kwargs,
         )
+    if se_ratio > 0:
+        outputs = _squeeze_excitation(outputs, filters, se_ratio, prefix)
     outputs = keras.layers.Add(name=prefix + "add")([outputs, shortcut])
     return keras.layers.ReLU(name=prefix + "output")(outputs)
 
@@ -169,11 +320,36 @@ def _stem(
     filters: int,
     cifar_stem: bool,
     bn_kwargs: dict,
+    *,
+    resnet_d: bool = False,
 ) -> keras.KerasTensor:
-    """7x7/2 conv, BN-ReLU, 3x3/2 max-pool; or 3x3/1 conv, BN-ReLU (CIFAR)."""
+    """7x7/2 conv, BN-ReLU, 3x3/2 max-pool; or 3x3/1 conv, BN-ReLU (CIFAR).
+
+    resnet_d (GR with sk_ratio > 0, non-CIFAR stem) replaces the 7x7/2 conv
+    by three 3x3 convs of filters // 2 (stride 2), filters // 2 and filters
+    channels, with BN-ReLU between them.
+    """
     kernel_size, strides = (3, 1) if cifar_stem else (7, 2)
+    outputs = images
+    if resnet_d and not cifar_stem:
+        kernel_size, strides = 3, 1
+        for index, conv_strides in enumerate((2, 1)):
+            outputs = conv2d_fixed_padding(
+                outputs,
+                filters // 2,
+                3,
+                conv_strides,
+                f"initial_conv2d_{index}",
+            )
+            outputs = _batch_norm(
+                outputs,
+                f"initial_batch_normalization_{index}",
+                relu=True,
+                zero_init=False,
+                **bn_kwargs,
+            )
     outputs = conv2d_fixed_padding(
-        images, filters, kernel_size, strides, "initial_conv2d"
+        outputs, filters, kernel_size, strides, "initial_conv2d"
     )
     outputs = _batch_norm(
         outputs,
@@ -193,7 +369,7 @@ def _stem(
 def _check_arguments(
     depth: int, width_multiplier: float, sk_ratio: float, se_ratio: float
 ) -> None:
-    """Raises ValueError for an unknown depth, bad width, or SK / SE use."""
+    """Raises ValueError for an unknown depth, bad width or a negative ratio."""
     if depth not in BLOCKS_PER_GROUP:
         raise ValueError(
             f"depth={depth} is not a ResNet depth; use one of "
@@ -204,15 +380,18 @@ def _check_arguments(
             f"width_multiplier={width_multiplier} gives no stem channels "
             "(round(64 * width_multiplier) must be >= 1); use e.g. 0.25."
         )
-    for argument, value, feature in (
-        ("sk_ratio", sk_ratio, "selective kernels (SK)"),
-        ("se_ratio", se_ratio, "squeeze-excitation (SE)"),
-    ):
-        if value > 0:
+    for argument, value in (("sk_ratio", sk_ratio), ("se_ratio", se_ratio)):
+        if not value >= 0:
             raise ValueError(
-                f"{argument}={value}: {feature} of the SimCLRv2 encoders are "
-                f"not implemented yet (planned); use {argument}=0.0."
+                f"{argument}={value} must be >= 0 (0 = off); use e.g. "
+                f"{argument}=0.0625 or {argument}=0."
             )
+    if sk_ratio > 0 and round(64 * width_multiplier) < 2:
+        raise ValueError(
+            f"width_multiplier={width_multiplier} with sk_ratio={sk_ratio}: "
+            "the ResNet-D stem needs round(64 * width_multiplier) >= 2; use "
+            "e.g. width_multiplier=0.25."
+        )
 
 
 def ResNet(  # noqa: N802 - a model factory named like the class it builds.
@@ -235,14 +414,19 @@ def ResNet(  # noqa: N802 - a model factory named like the class it builds.
     ResNet-18/34). Named layers give the intermediate outputs listed in
     ENDPOINT_NAMES (see `endpoints_model`). Unlike GR, whose `initial_conv`
     is the raw conv output, ours is taken after the stem's BN-ReLU.
+    SimCLRv2 (GR's checkpoints) uses sk_ratio=0.0625, se_ratio=0.
 
     Args:
         depth: one of 18, 34 (basic blocks), 50, 101, 152, 200 (bottleneck).
         width_multiplier: channel multiplier > 0; fractions (0.25, 0.5) give
             CPU-sized models.
         cifar_stem: use a 3x3/1 stem conv without max-pool (images <= 32 px).
-        sk_ratio: selective-kernel ratio; must be 0 (not implemented yet).
-        se_ratio: squeeze-excitation ratio; must be 0 (not implemented yet).
+        sk_ratio: selective kernels if > 0 (0 = off): ResNet-D stem (unless
+            cifar_stem) and average-pool shortcuts, and in bottleneck blocks
+            SK convs whose gate is max(int(filters * sk_ratio), 32) wide.
+        se_ratio: squeeze-excitation if > 0 (0 = off), hidden width
+            max(1, int(filters * se_ratio)) for a group of `filters` base
+            channels.
         input_shape: (H, W, C) of the images; None for any size.
         batch_norm_decay: BN moving-average momentum in [0, 1).
         global_bn: synchronise BN statistics across replicas.
@@ -253,13 +437,20 @@ def ResNet(  # noqa: N802 - a model factory named like the class it builds.
         [B, F] features, F = 512 * width (x4 for bottleneck depths).
 
     Raises:
-        ValueError: unknown depth, width giving no channels, or SK / SE used.
+        ValueError: unknown depth, width giving no channels (or fewer than
+            2 stem channels with SK), or a negative sk_ratio / se_ratio.
     """
     _check_arguments(depth, width_multiplier, sk_ratio, se_ratio)
     blocks_per_group, bottleneck = BLOCKS_PER_GROUP[depth]
     bn_kwargs = {"batch_norm_decay": batch_norm_decay, "global_bn": global_bn}
     images = keras.Input(shape=tuple(input_shape), name="images")
-    outputs = _stem(images, round(64 * width_multiplier), cifar_stem, bn_kwargs)
+    outputs = _stem(
+        images,
+        round(64 * width_multiplier),
+        cifar_stem,
+        bn_kwargs,
+        resnet_d=sk_ratio > 0,
+    )
     for group, num_blocks in enumerate(blocks_per_group, start=1):
         filters = round(GROUP_BASE_WIDTHS[group - 1] * width_multiplier)
         for block in range(num_blocks):
@@ -271,6 +462,8 @@ def ResNet(  # noqa: N802 - a model factory named like the class it builds.
                 bottleneck=bottleneck,
                 prefix=f"block_group{group}_block{block}_",
                 bn_kwargs=bn_kwargs,
+                sk_ratio=sk_ratio,
+                se_ratio=se_ratio,
             )
         outputs = keras.layers.Identity(name=f"block_group{group}")(outputs)
     features = keras.layers.GlobalAveragePooling2D(name="final_avg_pool")(

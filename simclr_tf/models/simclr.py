@@ -38,8 +38,9 @@ class SimCLRModel(keras.Model):
         width_multiplier: encoder channel multiplier > 0 (fractions allowed).
         cifar_stem: 3x3/1 stem without max-pool (images <= 32 px).
         image_channels: C of the input images (3 RGB, 1 grayscale).
-        sk_ratio: selective kernels; must be 0 (not implemented yet).
-        se_ratio: squeeze-excitation; must be 0 (not implemented yet).
+        sk_ratio: selective-kernel ratio (0 = off; SimCLRv2 uses 0.0625),
+            with the ResNet-D stem and average-pool shortcuts.
+        se_ratio: squeeze-excitation ratio (0 = off).
         proj_head_mode: "nonlinear", "linear" or "none".
         proj_out_dim: width of z.
         num_proj_layers: projection layers in "nonlinear" mode.
