@@ -137,7 +137,7 @@ def _build_train_loop(
     """Model, optimizer and train loop as train.build_state builds them."""
     import tensorflow as tf
 
-    from simclr_tf import train
+    from simclr_tf import train, train_step
 
     schedule = train.Schedule(
         steps_per_epoch=100,
@@ -152,8 +152,8 @@ def _build_train_loop(
         optimizer = train.build_optimizer(config, schedule)
         optimizer.build(model.trainable_variables)
     replicas = strategy.num_replicas_in_sync
-    return train.make_train_loop(
-        strategy, train.make_train_step(config, model, optimizer, replicas)
+    return train_step.make_train_loop(
+        strategy, train_step.make_train_step(config, model, optimizer, replicas)
     )
 
 

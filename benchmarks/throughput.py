@@ -142,7 +142,7 @@ def _time_simclr_tf(spec: dict[str, object]) -> dict[str, object]:
     import tensorflow as tf
 
     from simclr_tf import config as config_lib
-    from simclr_tf import train
+    from simclr_tf import train, train_step
 
     model_spec = MODELS[spec["model"]]
     keras.mixed_precision.set_global_policy(spec["precision"])
@@ -169,9 +169,9 @@ def _time_simclr_tf(spec: dict[str, object]) -> dict[str, object]:
         steps_per_loop=1,
     )
     optimizer = train.build_optimizer(config, schedule)
-    loop = train.make_train_loop(
+    loop = train_step.make_train_loop(
         tf.distribute.get_strategy(),
-        train.make_train_step(config, model, optimizer, 1),
+        train_step.make_train_step(config, model, optimizer, 1),
     )
     shape = (spec["batch"], size, size, channels)
     batch = {

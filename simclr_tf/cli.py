@@ -53,12 +53,19 @@ def run(config: config_lib.Config) -> dict[str, object]:
       train_then_eval and eval).
     """
     # Imported here so that `--helpfull` and flag errors stay fast.
-    from simclr_tf import export, linear_protocol, reporting, runtime, train
+    from simclr_tf import (
+        export,
+        linear_protocol,
+        reporting,
+        run_data,
+        runtime,
+        train,
+    )
 
     mode = config.train.mode
     started = time.time()
     os.makedirs(config.model_dir, exist_ok=True)
-    source = train.open_train_source(config)
+    source = run_data.open_train_source(config)
     if mode == "preview":
         from simclr_tf import preview
 
@@ -117,28 +124,32 @@ def run(config: config_lib.Config) -> dict[str, object]:
 
 
 def format_table(result: Mapping[str, object]) -> str:
-    """The linear-evaluation table printed at the end of train_then_eval."""
+    """The evaluation table printed at the end of train_then_eval and eval.
+
+    Linear top-1/top-5, and kNN top-1 where it was computed.
+    """
     rows = [
-        ("SimCLR encoder (this run)", "eval/top_1", "eval/top_5"),
-        (
-            "same encoder, random init",
-            "eval/random_init/top_1",
-            "eval/random_init/top_5",
-        ),
-        ("raw pixels", "eval/pixels/top_1", "eval/pixels/top_5"),
+        ("SimCLR encoder (this run)", "eval/"),
+        ("same encoder, random init", "eval/random_init/"),
+        ("raw pixels", "eval/pixels/"),
     ]
     lines = [
-        f"linear evaluation on {result['config']['data']['dataset']}/"
+        f"evaluation on {result['config']['data']['dataset']}/"
         f"{result['eval/split']} (step {result['step']}, "
         f"{result['wall_seconds'] / 60:.1f} min)",
-        f"{'representation':<28}{'top-1':>8}{'top-5':>8}",
+        f"{'representation':<28}{'linear top-1':>13}{'top-5':>8}"
+        f"{'kNN top-1':>11}",
     ]
-    for label, top1, top5 in rows:
-        if top1 in result:
-            lines.append(
-                f"{label:<28}{100 * result[top1]:>7.2f}%"
-                f"{100 * result[top5]:>7.2f}%"
-            )
+    for label, prefix in rows:
+        if f"{prefix}top_1" not in result:
+            continue
+        line = (
+            f"{label:<28}{100 * result[f'{prefix}top_1']:>12.2f}%"
+            f"{100 * result[f'{prefix}top_5']:>7.2f}%"
+        )
+        if f"{prefix}knn/top_1" in result:
+            line += f"{100 * result[f'{prefix}knn/top_1']:>10.2f}%"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -193,6 +193,25 @@ def _define_extension_flags() -> None:
         True,
         "Also linear-evaluate raw pixels and the random-init encoder.",
     )
+    d.DEFINE_bool(
+        "eval_knn",
+        True,
+        "Also report kNN accuracy (cosine, --knn_k neighbours, votes "
+        "exp(sim / --knn_temperature)) in evaluation.",
+    )
+    d.DEFINE_integer("knn_k", 200, "Neighbours in kNN evaluation.")
+    d.DEFINE_float("knn_temperature", 0.1, "Vote temperature of kNN.")
+    d.DEFINE_integer(
+        "knn_every_steps",
+        0,
+        "kNN monitor during pretraining every N steps, to TensorBoard "
+        "(0 = off).",
+    )
+    d.DEFINE_integer(
+        "knn_max_train_examples",
+        10_000,
+        "Training examples in the kNN monitor's memory bank (0 = all).",
+    )
     d.DEFINE_integer(
         "max_eval_examples",
         0,
@@ -283,6 +302,11 @@ class Eval:
     linear_eval_epochs: int = 30
     eval_baselines: bool = True
     max_eval_examples: int = 0
+    eval_knn: bool = True
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_every_steps: int = 0
+    knn_max_train_examples: int = 10_000
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -458,11 +482,11 @@ def _check_model(model: Model) -> list[str]:
             f"--width_multiplier={model.width_multiplier} must give at "
             f"least one channel (64*w >= 1); use e.g. 0.25, 1 or 2."
         )
-    if model.sk_ratio != 0 or model.se_ratio != 0:
+    if not (0 <= model.sk_ratio < 1 and 0 <= model.se_ratio < 1):
         problems.append(
-            f"--sk_ratio={model.sk_ratio} / --se_ratio={model.se_ratio}: "
-            f"selective kernels and squeeze-excitation are not implemented "
-            f"yet; use --sk_ratio=0 --se_ratio=0."
+            f"--sk_ratio={model.sk_ratio} / --se_ratio={model.se_ratio} "
+            f"must be in [0, 1): 0 turns them off; SimCLRv2 uses "
+            f"--sk_ratio=0.0625."
         )
     if model.proj_out_dim < 1:
         problems.append(
@@ -505,6 +529,7 @@ def _check_numbers(config: Config) -> list[str]:
         "keep_checkpoint_max": train.keep_checkpoint_max,
         "keep_hub_module_max": config.export.keep_hub_module_max,
         "linear_eval_epochs": config.eval.linear_eval_epochs,
+        "knn_k": config.eval.knn_k,
     }
     for name, value in positive.items():
         if value < 1:
@@ -543,4 +568,17 @@ def _check_numbers(config: Config) -> list[str]:
         problems.append(f"--momentum={optim.momentum} must be in [0, 1).")
     if config.runtime.num_virtual_cpus < 0:
         problems.append("--num_virtual_cpus must be >= 0.")
+    if not config.eval.knn_temperature >= 0.02:
+        problems.append(
+            f"--knn_temperature={config.eval.knn_temperature} must be >= "
+            f"0.02 (exp(1 / t) overflows float32 below it); use 0.1."
+        )
+    if (
+        config.eval.knn_every_steps < 0
+        or config.eval.knn_max_train_examples < 0
+    ):
+        problems.append(
+            "--knn_every_steps and --knn_max_train_examples must be >= 0 "
+            "(0 = off / all)."
+        )
     return problems

@@ -17,8 +17,8 @@ import tensorflow as tf
 from absl import logging
 
 from simclr_tf import config as config_lib
-from simclr_tf import evaluate, runtime, train
-from simclr_tf.data import pipeline, sources
+from simclr_tf import evaluate, knn, run_data, runtime, train
+from simclr_tf.data import sources
 
 
 def run_linear_eval(
@@ -40,10 +40,10 @@ def run_linear_eval(
     """
     started = time.time()
     if train_source is None:
-        train_source = train.open_train_source(config)
-    test_source = train.open_split(config, config.data.eval_split)
-    train_data = _eval_dataset(config, train_source)
-    test_data = _eval_dataset(config, test_source)
+        train_source = run_data.open_train_source(config)
+    test_source = run_data.open_split(config, config.data.eval_split)
+    train_data = run_data.eval_input(config, train_source)
+    test_data = run_data.eval_input(config, test_source)
     num_classes = state.num_classes
     representations: dict[str, Callable[[tf.data.Dataset], tuple]] = {
         "": lambda data: evaluate.extract_features(state.model, data),
@@ -69,6 +69,18 @@ def run_linear_eval(
         )
         for name, value in metrics.items():
             result[f"eval/{prefix}{name}"] = value
+        if config.eval.eval_knn:
+            neighbours = knn.knn_accuracy(
+                train_features,
+                train_labels,
+                test_features,
+                test_labels,
+                num_classes=num_classes,
+                k=config.eval.knn_k,
+                temperature=config.eval.knn_temperature,
+            )
+            for name in ("top_1", "top_5"):
+                result[f"eval/{prefix}knn/{name}"] = neighbours[name]
         logging.info(
             "linear eval %s: top-1 %.4f top-5 %.4f (%d train, %d test)",
             prefix.rstrip("/") or "simclr",
@@ -80,20 +92,6 @@ def run_linear_eval(
     result["eval/seconds"] = time.time() - started
     _write_scalars(config, state, result)
     return result
-
-
-def _eval_dataset(
-    config: config_lib.Config, source: sources.Source
-) -> tf.data.Dataset:
-    data = pipeline.eval_dataset(
-        source,
-        batch_size=config.eval.eval_batch_size,
-        image_size=config.data.image_size,
-    )
-    limit = config.eval.max_eval_examples
-    if limit > 0:
-        data = data.unbatch().take(limit).batch(config.eval.eval_batch_size)
-    return data
 
 
 def _random_init_model(

@@ -372,7 +372,7 @@ def run_preview(
 
     Args:
       config: the run's Config; model_dir must be set.
-      source: the training split (train.open_train_source).
+      source: the training split (run_data.open_train_source).
       **kwargs: num_images and views_per_image of `preview_grid`.
 
     Returns:

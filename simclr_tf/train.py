@@ -19,8 +19,8 @@ import tensorflow as tf
 from absl import logging
 
 from simclr_tf import config as config_lib
-from simclr_tf import losses, optim, preview, reporting, runtime
-from simclr_tf.data import pipeline, sources
+from simclr_tf import monitors, optim, reporting, run_data, runtime, train_step
+from simclr_tf.data import sources
 from simclr_tf.models import simclr
 
 
@@ -160,149 +160,6 @@ def build_optimizer(
     return optimizer
 
 
-def _weight_decay_loss(
-    config: config_lib.Config, model: keras.Model
-) -> tf.Tensor:
-    """The weight decay that goes into the loss (GR's add_weight_decay).
-
-    LARS decays inside its update, except for the supervised head, which
-    gets 0.5*wd*||w||^2 here. Momentum and Adam get it here for every
-    non-BN variable.
-    """
-    weight_decay = config.optim.weight_decay
-    variables = model.trainable_variables
-    if config.optim.optimizer == "lars":
-        head = [v for v in variables if "head_supervised" in v.path]
-        return losses.l2_weight_decay(head, weight_decay, ("bias",))
-    return losses.l2_weight_decay(
-        variables, weight_decay, ("batch_normalization",)
-    )
-
-
-def make_train_step(
-    config: config_lib.Config,
-    model: simclr.SimCLRModel,
-    optimizer: keras.optimizers.Optimizer,
-    num_replicas: int,
-) -> Callable[[Mapping[str, tf.Tensor]], dict[str, tf.Tensor]]:
-    """The per-replica SimCLR step: both views → loss → one update.
-
-    Args:
-      config: the run's Config.
-      model: the SimCLRModel (built in the strategy's scope).
-      optimizer: its optimizer.
-      num_replicas: replicas in sync.
-
-    Returns:
-      step(batch) -> metrics dict of float32 scalars, where batch is
-      {"view1": [n,S,S,C], "view2": [n,S,S,C], "label": [n]} for this
-      replica.
-    """
-    temperature = config.loss.temperature
-    hidden_norm = config.loss.hidden_norm
-
-    data = config.data
-
-    def step(batch: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        views = (batch["view1"], batch["view2"])
-        if data.augment_on_device:
-            views = pipeline.distort_views(
-                views,
-                batch["view_seeds"],
-                color_jitter_strength=data.color_jitter_strength,
-                blur=data.use_blur,
-                brightness_impl=data.brightness_impl,
-            )
-        images = tf.concat(views, axis=0)
-        context = tf.distribute.get_replica_context()
-        gather = context if num_replicas > 1 else None
-        with tf.GradientTape() as tape:
-            outputs = model(images, training=True)
-            z1, z2 = tf.split(outputs["proj_head_output"], 2, axis=0)
-            contrast_loss, logits, labels = losses.nt_xent(
-                z1,
-                z2,
-                temperature,
-                normalize=hidden_norm,
-                replica_context=gather,
-            )
-            metrics = losses.contrast_metrics(logits, labels)
-            metrics["contrast_loss"] = contrast_loss
-            loss = contrast_loss
-            if "logits_sup" in outputs:
-                supervised_labels = tf.concat([batch["label"]] * 2, axis=0)
-                supervised = losses.supervised_loss(
-                    supervised_labels, outputs["logits_sup"]
-                )
-                loss += supervised
-                metrics["supervised_loss"] = supervised
-                metrics["supervised_acc"] = _accuracy(
-                    supervised_labels, outputs["logits_sup"]
-                )
-            decay = _weight_decay_loss(config, model)
-            loss += decay
-            metrics["weight_decay"] = decay
-            metrics["total_loss"] = loss
-            # Invariant: each replica's loss is the mean over its own 2n
-            # anchors; dividing by the replica count once, here, makes the
-            # SUM of replica gradients (what the optimizer applies) equal the
-            # gradient of the global-batch loss.
-            scaled_loss = loss / num_replicas
-            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-                scaled_loss = optimizer.scale_loss(scaled_loss)
-        variables = model.trainable_variables
-        gradients = tape.gradient(scaled_loss, variables)
-        optimizer.apply_gradients(zip(gradients, variables, strict=True))
-        return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
-
-    names = ["contrast_acc", "contrast_entropy", "contrast_loss"]
-    if model.supervised_head is not None:
-        names += ["supervised_loss", "supervised_acc"]
-    names += ["weight_decay", "total_loss"]
-    if config.runtime.jit_compile:
-        step = tf.function(step, jit_compile=True)
-    # The loop needs the names up front to start its sums at zero (tracing
-    # the step once more to learn them would double the compile time).
-    step.metric_names = tuple(names)
-    return step
-
-
-def _accuracy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-    predictions = tf.argmax(logits, axis=-1, output_type=labels.dtype)
-    return tf.reduce_mean(tf.cast(tf.equal(predictions, labels), tf.float32))
-
-
-def make_train_loop(
-    strategy: tf.distribute.Strategy,
-    step: Callable[[Mapping[str, tf.Tensor]], dict[str, tf.Tensor]],
-) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
-    """One tf.function running `steps` replica steps; returns mean metrics.
-
-    `step` is what make_train_step returns (it carries `metric_names`).
-    """
-
-    @tf.function
-    def train_loop(iterator: object, steps: tf.Tensor) -> dict:
-        totals = {name: tf.constant(0.0) for name in step.metric_names}
-        for _ in tf.range(steps):
-            per_replica = strategy.run(step, (next(iterator),))
-            metrics = _reduce_mean(strategy, per_replica)
-            totals = {k: totals[k] + metrics[k] for k in totals}
-        count = tf.cast(steps, tf.float32)
-        return {k: v / count for k, v in totals.items()}
-
-    return train_loop
-
-
-def _reduce_mean(
-    strategy: tf.distribute.Strategy, per_replica: Mapping[str, object]
-) -> dict[str, tf.Tensor]:
-    return {
-        key: strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
-        for key, value in per_replica.items()
-    }
-
-
 def setup_run(config: config_lib.Config) -> tf.distribute.Strategy:
     """Strategy, precision and seeds; logs what the run is on."""
     strategy = runtime.make_strategy(config.runtime)
@@ -437,7 +294,7 @@ def run_training(
     """
     started = time.time()
     strategy = setup_run(config)
-    source = source or open_train_source(config)
+    source = source or run_data.open_train_source(config)
     state = build_state(config, strategy, source)
     chief = runtime.is_chief(strategy)
     if chief:
@@ -445,12 +302,12 @@ def run_training(
     reporting.log_plan(config, state, source)
     iterator = iter(
         strategy.distribute_datasets_from_function(
-            _pretrain_input_fn(config, source)
+            run_data.pretrain_input_fn(config, source)
         )
     )
-    train_loop = make_train_loop(
+    train_loop = train_step.make_train_loop(
         strategy,
-        make_train_step(
+        train_step.make_train_step(
             config,
             state.model,
             state.optimizer,
@@ -459,9 +316,12 @@ def run_training(
     )
     writer = reporting.summary_writer(config.model_dir, chief)
     if writer is not None:
-        _write_preview_summary(config, source, writer, state)
+        monitors.write_preview_summary(config, source, writer, state)
+    monitor = monitors.KnnMonitor.create(config, state, source)
     with runtime.PreemptionWatcher() as preemption:
-        last = _loop(config, state, iterator, train_loop, writer, preemption)
+        last = _loop(
+            config, state, iterator, train_loop, writer, preemption, monitor
+        )
     return {
         "preempted": last["preempted"],
         "step": int(state.optimizer.iterations.numpy()),
@@ -473,40 +333,6 @@ def run_training(
     }
 
 
-def _write_preview_summary(
-    config: config_lib.Config,
-    source: sources.Source,
-    writer: tf.summary.SummaryWriter,
-    state: TrainState,
-) -> None:
-    """The --mode=preview grid of augmented views, to TensorBoard."""
-    grid = preview.preview_grid(config, source)
-    with writer.as_default():
-        tf.summary.image(
-            "augmentations",
-            preview.summary_image(grid),
-            step=int(state.optimizer.iterations.numpy()),
-            description="Each row: a train image, then training views made "
-            "with this run's flags (--mode=preview writes the same PNG).",
-        )
-
-
-def open_split(config: config_lib.Config, split: str) -> sources.Source:
-    """One split of --dataset, opened with the run's data flags."""
-    return sources.open_source(
-        config.data.dataset,
-        split,
-        data_dir=config.data.data_dir,
-        seed=config.train.seed,
-        verify_images=config.data.verify_images,
-    )
-
-
-def open_train_source(config: config_lib.Config) -> sources.Source:
-    """The --train_split of --dataset."""
-    return open_split(config, config.data.train_split)
-
-
 def restore_for_eval(
     config: config_lib.Config, source: sources.Source | None = None
 ) -> dict[str, object]:
@@ -516,7 +342,7 @@ def restore_for_eval(
       FileNotFoundError: model_dir holds no checkpoint.
     """
     strategy = setup_run(config)
-    source = source or open_train_source(config)
+    source = source or run_data.open_train_source(config)
     if tf.train.latest_checkpoint(config.model_dir) is None:
         raise FileNotFoundError(
             f"--model_dir={config.model_dir} holds no checkpoint to "
@@ -526,23 +352,6 @@ def restore_for_eval(
     return {"state": build_state(config, strategy, source), "source": source}
 
 
-def _pretrain_input_fn(
-    config: config_lib.Config, source: sources.Source
-) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
-    data = config.data
-    return pipeline.pretrain_input_fn(
-        source,
-        global_batch_size=config.train.train_batch_size,
-        image_size=data.image_size,
-        color_jitter_strength=data.color_jitter_strength,
-        blur=data.use_blur,
-        brightness_impl=data.brightness_impl,
-        seed=config.train.seed,
-        cache=data.cache_dataset,
-        augment_on_device=data.augment_on_device,
-    )
-
-
 def _loop(
     config: config_lib.Config,
     state: TrainState,
@@ -550,8 +359,11 @@ def _loop(
     train_loop: Callable[[object, tf.Tensor], dict[str, tf.Tensor]],
     writer: tf.summary.SummaryWriter | None,
     preemption: runtime.PreemptionWatcher,
+    monitor: monitors.KnnMonitor | None = None,
 ) -> dict[str, object]:
     """Runs loops until total_steps, or until SIGTERM asks to stop.
+
+    With a monitor, loops also end at its steps, where it runs.
 
     Returns:
       {"metrics": the last loop's mean metrics, "images_per_second": the
@@ -565,7 +377,9 @@ def _loop(
     timed_images, timed_seconds, first = 0, 0.0, True
     preempted = False
     while step < schedule.total_steps:
-        steps = _steps_until_boundary(step, schedule)
+        steps = _steps_until_boundary(
+            step, schedule, monitor.every if monitor else 0
+        )
         started = time.time()
         metrics = train_loop(iterator, tf.constant(steps))
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -599,6 +413,8 @@ def _loop(
             writer, step, metrics, learning_rate, images_per_second
         )
         first = False
+        if monitor and is_due(step, monitor.every, schedule.total_steps):
+            monitor(step, writer)
         preempted = _stop_requested(state.strategy, preemption)
         if preempted:
             _save(config, state, step)
@@ -647,12 +463,16 @@ def _stop_requested(
     return bool(total.numpy() > 0)
 
 
-def _steps_until_boundary(step: int, schedule: Schedule) -> int:
-    """Loop length: steps_per_loop, cut at the next checkpoint and the end."""
+def _steps_until_boundary(
+    step: int, schedule: Schedule, monitor_every: int = 0
+) -> int:
+    """Loop length: steps_per_loop, cut at the next checkpoint, the next
+    monitor step (monitor_every > 0) and the end."""
     end = min(step + schedule.steps_per_loop, schedule.total_steps)
-    every = schedule.checkpoint_every
-    next_checkpoint = (step // every + 1) * every
-    return max(1, min(end, next_checkpoint) - step)
+    for every in (schedule.checkpoint_every, monitor_every):
+        if every > 0:
+            end = min(end, (step // every + 1) * every)
+    return max(1, end - step)
 
 
 def _check_finite(

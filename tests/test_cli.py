@@ -83,6 +83,8 @@ def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
         "eval/top_5",
         "eval/random_init/top_1",
         "eval/pixels/top_1",
+        "eval/knn/top_1",
+        "eval/pixels/knn/top_1",
         "train/contrast_loss",
         "train/contrast_acc",
         "train/images_per_second",
@@ -99,6 +101,7 @@ def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
     assert outputs["proj_head_output"].shape == (2, 16)
     table = capsys.readouterr().out
     assert "SimCLR encoder (this run)" in table and "raw pixels" in table
+    assert "kNN top-1" in table
     # TensorBoard event files for train and eval scalars, and the preview
     # grid of augmented views written once at the start of training.
     assert os.listdir(tmp_path / "eval")

@@ -115,3 +115,10 @@ def test_replace_changes_one_flag_and_keeps_the_rest():
     assert changed.train.train_steps == 7
     assert changed.data.image_size == 28
     assert changed.model.cifar_stem is True
+
+
+def test_config_accepts_simclr_v2_blocks_and_rejects_bad_ratios():
+    config = _parse("--model_dir=/x", "--sk_ratio=0.0625", "--se_ratio=0.25")
+    assert config_lib.validate(config).model.sk_ratio == 0.0625
+    with pytest.raises(ValueError, match=r"--sk_ratio=-1.0 .* in \[0, 1\)"):
+        config_lib.validate(_parse("--model_dir=/x", "--sk_ratio=-1"))

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf import config as config_lib
-from simclr_tf import train
+from simclr_tf import train, train_step
 
 GLOBAL_BATCH = 16
 IMAGE_SIZE = 16
@@ -97,8 +97,8 @@ def _mirrored_strategy(replicas: int) -> tf.distribute.MirroredStrategy:
 def _one_step(strategy, config, batch, initial_weights):
     """Builds model + optimizer in `strategy`, runs one real train step.
 
-    The step is train.make_train_step inside one strategy.run, as in
-    train.make_train_loop but without its loop, which traces the step a
+    The step is train_step.make_train_step inside one strategy.run, as in
+    train_step.make_train_loop but without its loop, which traces the step a
     second time (tf.range body) and doubles the compile time here.
 
     Returns:
@@ -123,7 +123,7 @@ def _one_step(strategy, config, batch, initial_weights):
         model.set_weights(initial_weights)
         optimizer = train.build_optimizer(config, schedule)
         optimizer.build(model.trainable_variables)
-    step = train.make_train_step(config, model, optimizer, replicas)
+    step = train_step.make_train_step(config, model, optimizer, replicas)
     iterator = iter(strategy.experimental_distribute_dataset(_dataset(batch)))
     per_replica = tf.function(lambda: strategy.run(step, (next(iterator),)))()
     assert int(optimizer.iterations.numpy()) == 1

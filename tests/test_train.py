@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf import config as config_lib
-from simclr_tf import train
+from simclr_tf import knn, run_data, train, train_step
 from simclr_tf.data import augment, sources
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,6 +140,12 @@ def test_loop_lengths_stop_at_checkpoints_and_the_end():
         lengths.append(length)
         step += length
     assert lengths == [4, 4, 2, 4, 4, 2, 4, 1]
+    # A monitor every 6 steps also ends loops at 6, 12, 18, 24.
+    step, ends = 0, []
+    while step < schedule.total_steps:
+        step += train._steps_until_boundary(step, schedule, 6)
+        ends.append(step)
+    assert ends == [4, 6, 10, 12, 16, 18, 20, 24, 25]
 
 
 @pytest.mark.parametrize(("batch", "replicas"), [(30, 4), (4, 4)])
@@ -189,9 +195,8 @@ def test_tiny_overfit_contrast_accuracy_rises(tmp_path):
             {k: tf.stack([b[k] for b in batches]) for k in batches[0]}
         ).repeat()
     )
-    loop = train.make_train_loop(
-        strategy, train.make_train_step(config, state.model, state.optimizer, 1)
-    )
+    step = train_step.make_train_step(config, state.model, state.optimizer, 1)
+    loop = train_step.make_train_loop(strategy, step)
     first = loop(iterator, tf.constant(1))
     for _ in range(9):
         last = loop(iterator, tf.constant(11))
@@ -280,9 +285,9 @@ def test_jit_compiled_step_matches_plain_step():
         model = train.build_model(config, 10, 3)
         model(tf.zeros((1, 16, 16, 3)))
         optimizer = train.build_optimizer(config, schedule)
-        loop = train.make_train_loop(
+        loop = train_step.make_train_loop(
             tf.distribute.get_strategy(),
-            train.make_train_step(config, model, optimizer, 1),
+            train_step.make_train_step(config, model, optimizer, 1),
         )
         iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
         # Two steps: the second also checks the XLA-compiled update.
@@ -348,11 +353,11 @@ def test_augment_on_device_step_matches_host_augmentation():
             steps_per_loop=1,
         )
         optimizer = train.build_optimizer(config, schedule)
-        loop = train.make_train_loop(
+        loop = train_step.make_train_loop(
             tf.distribute.get_strategy(),
-            train.make_train_step(config, model, optimizer, 1),
+            train_step.make_train_step(config, model, optimizer, 1),
         )
-        data = train._pretrain_input_fn(config, source)(
+        data = run_data.pretrain_input_fn(config, source)(
             tf.distribute.InputContext()
         )
         iterator = iter(data)
@@ -363,3 +368,38 @@ def test_augment_on_device_step_matches_host_augmentation():
     # Views agree to ~1e-6 (XLA vs tf.data summation order); the loss then
     # to ~1e-6 relative, as in test_jit_compiled_step_matches_plain_step.
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+def test_knn_monitor_writes_tensorboard_at_its_steps(tmp_path):
+    """--knn_every_steps=2 over 4 steps: kNN at steps 2 and 4.
+
+    The step-4 value must equal knn_eval of the final model on the same
+    bank and queries (the monitor is that computation, logged).
+    """
+    config = _tiny_config(
+        str(tmp_path),
+        train_steps=4,
+        steps_per_loop=4,
+        knn_every_steps=2,
+        knn_k=5,
+        knn_max_train_examples=64,
+        max_eval_examples=32,
+    )
+    summary = train.run_training(config)
+    values = {}
+    for name in os.listdir(tmp_path / "train"):
+        path = str(tmp_path / "train" / name)
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == "knn/top_1":
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    assert sorted(values) == [2, 4]
+    source = summary["source"]
+    expected = knn.knn_eval(
+        summary["state"].model,
+        run_data.eval_input(config, source, limit=64),
+        run_data.eval_input(config, run_data.open_split(config, "test")),
+        num_classes=10,
+        k=5,
+    )
+    assert values[4] == pytest.approx(expected["top_1"], abs=1e-6)

@@ -1,0 +1,111 @@
+"""What a pretraining run reports besides its loss: the kNN monitor and the
+augmentation preview in TensorBoard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import tensorflow as tf
+from absl import logging
+
+from simclr_tf import config as config_lib
+from simclr_tf import knn, preview, run_data
+from simclr_tf.data import sources
+from simclr_tf.models import simclr
+
+if TYPE_CHECKING:
+    from simclr_tf import train
+
+
+@dataclasses.dataclass(frozen=True)
+class KnnMonitor:
+    """kNN accuracy of the encoder during pretraining (--knn_every_steps).
+
+    The memory bank is the first --knn_max_train_examples images of the
+    train split, queried by the eval split (capped at --max_eval_examples),
+    both with eval preprocessing; results go to the log and to TensorBoard
+    as knn/top_1 and knn/top_5.
+    """
+
+    every: int
+    model: simclr.SimCLRModel
+    train_data: tf.data.Dataset
+    test_data: tf.data.Dataset
+    num_classes: int
+    options: Mapping[str, float | int]
+
+    @classmethod
+    def create(
+        cls,
+        config: config_lib.Config,
+        state: train.TrainState,
+        source: sources.Source,
+    ) -> KnnMonitor | None:
+        """The monitor, or None when off or the data has no labels."""
+        every = config.eval.knn_every_steps
+        if every <= 0 or source.num_classes == 0:
+            return None
+        test_source = run_data.open_split(config, config.data.eval_split)
+        return cls(
+            every=every,
+            model=state.model,
+            # The bank is capped by knn_max_train_examples in knn_eval.
+            train_data=run_data.eval_input(config, source, limit=0),
+            test_data=run_data.eval_input(config, test_source),
+            num_classes=source.num_classes,
+            options={
+                "k": config.eval.knn_k,
+                "temperature": config.eval.knn_temperature,
+                "max_train_examples": config.eval.knn_max_train_examples,
+            },
+        )
+
+    def __call__(
+        self, step: int, writer: tf.summary.SummaryWriter | None
+    ) -> dict[str, float]:
+        started = time.time()
+        result = knn.knn_eval(
+            self.model,
+            self.train_data,
+            self.test_data,
+            num_classes=self.num_classes,
+            **self.options,
+        )
+        logging.info(
+            "kNN monitor at step %d: top-1 %.4f top-5 %.4f (%d train, %d "
+            "test, %.1f s)",
+            step,
+            result["top_1"],
+            result["top_5"],
+            result["num_train"],
+            result["num_test"],
+            time.time() - started,
+        )
+        if writer is not None:
+            with writer.as_default(step=step):
+                tf.summary.scalar("knn/top_1", result["top_1"])
+                tf.summary.scalar("knn/top_5", result["top_5"])
+            writer.flush()
+        return result
+
+
+def write_preview_summary(
+    config: config_lib.Config,
+    source: sources.Source,
+    writer: tf.summary.SummaryWriter,
+    state: train.TrainState,
+) -> None:
+    """The --mode=preview grid of augmented views, to TensorBoard."""
+    grid = preview.preview_grid(config, source)
+    with writer.as_default():
+        tf.summary.image(
+            "augmentations",
+            preview.summary_image(grid),
+            step=int(state.optimizer.iterations.numpy()),
+            description="Each row: a train image, then training views made "
+            "with this run's flags (--mode=preview writes the same PNG).",
+        )

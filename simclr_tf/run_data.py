@@ -1,0 +1,71 @@
+"""A run's data, opened from its Config: sources and input pipelines.
+
+The bridge between flags and simclr_tf.data: which split, with which
+augmentation settings; train.py, the monitors and the linear protocol all
+open data through here.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from simclr_tf import config as config_lib
+from simclr_tf.data import pipeline, sources
+
+
+def open_split(config: config_lib.Config, split: str) -> sources.Source:
+    """One split of --dataset, opened with the run's data flags."""
+    return sources.open_source(
+        config.data.dataset,
+        split,
+        data_dir=config.data.data_dir,
+        seed=config.train.seed,
+        verify_images=config.data.verify_images,
+    )
+
+
+def open_train_source(config: config_lib.Config) -> sources.Source:
+    """The --train_split of --dataset."""
+    return open_split(config, config.data.train_split)
+
+
+def pretrain_input_fn(
+    config: config_lib.Config, source: sources.Source
+) -> pipeline.InputFn:
+    """The two-view pretraining input_fn of `source` with the run's flags."""
+    data = config.data
+    return pipeline.pretrain_input_fn(
+        source,
+        global_batch_size=config.train.train_batch_size,
+        image_size=data.image_size,
+        color_jitter_strength=data.color_jitter_strength,
+        blur=data.use_blur,
+        brightness_impl=data.brightness_impl,
+        seed=config.train.seed,
+        cache=data.cache_dataset,
+        augment_on_device=data.augment_on_device,
+    )
+
+
+def eval_input(
+    config: config_lib.Config,
+    source: sources.Source,
+    limit: int | None = None,
+) -> tf.data.Dataset:
+    """One ordered pass over `source` with eval preprocessing.
+
+    Args:
+      config: the run's Config (eval batch size, image size).
+      source: the split.
+      limit: at most this many examples when > 0; None: --max_eval_examples.
+    """
+    data = pipeline.eval_dataset(
+        source,
+        batch_size=config.eval.eval_batch_size,
+        image_size=config.data.image_size,
+    )
+    if limit is None:
+        limit = config.eval.max_eval_examples
+    if limit > 0:
+        data = data.unbatch().take(limit).batch(config.eval.eval_batch_size)
+    return data

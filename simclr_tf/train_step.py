@@ -1,0 +1,162 @@
+"""The SimCLR train step and the loop that runs it steps_per_loop times.
+
+`make_train_step` is one replica's step: (optionally) finish the views on
+the device, encode both, NT-Xent over the all-gathered batch, supervised
+head, weight decay, one optimizer update. `make_train_loop` wraps it in one
+tf.function under the strategy. The same code runs on every strategy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import keras
+import tensorflow as tf
+
+from simclr_tf import config as config_lib
+from simclr_tf import losses
+from simclr_tf.data import pipeline
+from simclr_tf.models import simclr
+
+
+def _weight_decay_loss(
+    config: config_lib.Config, model: keras.Model
+) -> tf.Tensor:
+    """The weight decay that goes into the loss (GR's add_weight_decay).
+
+    LARS decays inside its update, except for the supervised head, which
+    gets 0.5*wd*||w||^2 here. Momentum and Adam get it here for every
+    non-BN variable.
+    """
+    weight_decay = config.optim.weight_decay
+    variables = model.trainable_variables
+    if config.optim.optimizer == "lars":
+        head = [v for v in variables if "head_supervised" in v.path]
+        return losses.l2_weight_decay(head, weight_decay, ("bias",))
+    return losses.l2_weight_decay(
+        variables, weight_decay, ("batch_normalization",)
+    )
+
+
+def make_train_step(
+    config: config_lib.Config,
+    model: simclr.SimCLRModel,
+    optimizer: keras.optimizers.Optimizer,
+    num_replicas: int,
+) -> Callable[[Mapping[str, tf.Tensor]], dict[str, tf.Tensor]]:
+    """The per-replica SimCLR step: both views → loss → one update.
+
+    Args:
+      config: the run's Config.
+      model: the SimCLRModel (built in the strategy's scope).
+      optimizer: its optimizer.
+      num_replicas: replicas in sync.
+
+    Returns:
+      step(batch) -> metrics dict of float32 scalars, where batch is
+      {"view1": [n,S,S,C], "view2": [n,S,S,C], "label": [n]} for this
+      replica.
+    """
+    temperature = config.loss.temperature
+    hidden_norm = config.loss.hidden_norm
+
+    data = config.data
+
+    def step(batch: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        views = (batch["view1"], batch["view2"])
+        if data.augment_on_device:
+            views = pipeline.distort_views(
+                views,
+                batch["view_seeds"],
+                color_jitter_strength=data.color_jitter_strength,
+                blur=data.use_blur,
+                brightness_impl=data.brightness_impl,
+            )
+        images = tf.concat(views, axis=0)
+        context = tf.distribute.get_replica_context()
+        gather = context if num_replicas > 1 else None
+        with tf.GradientTape() as tape:
+            outputs = model(images, training=True)
+            z1, z2 = tf.split(outputs["proj_head_output"], 2, axis=0)
+            contrast_loss, logits, labels = losses.nt_xent(
+                z1,
+                z2,
+                temperature,
+                normalize=hidden_norm,
+                replica_context=gather,
+            )
+            metrics = losses.contrast_metrics(logits, labels)
+            metrics["contrast_loss"] = contrast_loss
+            loss = contrast_loss
+            if "logits_sup" in outputs:
+                supervised_labels = tf.concat([batch["label"]] * 2, axis=0)
+                supervised = losses.supervised_loss(
+                    supervised_labels, outputs["logits_sup"]
+                )
+                loss += supervised
+                metrics["supervised_loss"] = supervised
+                metrics["supervised_acc"] = _accuracy(
+                    supervised_labels, outputs["logits_sup"]
+                )
+            decay = _weight_decay_loss(config, model)
+            loss += decay
+            metrics["weight_decay"] = decay
+            metrics["total_loss"] = loss
+            # Invariant: each replica's loss is the mean over its own 2n
+            # anchors; dividing by the replica count once, here, makes the
+            # SUM of replica gradients (what the optimizer applies) equal the
+            # gradient of the global-batch loss.
+            scaled_loss = loss / num_replicas
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                scaled_loss = optimizer.scale_loss(scaled_loss)
+        variables = model.trainable_variables
+        gradients = tape.gradient(scaled_loss, variables)
+        optimizer.apply_gradients(zip(gradients, variables, strict=True))
+        return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
+
+    names = ["contrast_acc", "contrast_entropy", "contrast_loss"]
+    if model.supervised_head is not None:
+        names += ["supervised_loss", "supervised_acc"]
+    names += ["weight_decay", "total_loss"]
+    if config.runtime.jit_compile:
+        step = tf.function(step, jit_compile=True)
+    # The loop needs the names up front to start its sums at zero (tracing
+    # the step once more to learn them would double the compile time).
+    step.metric_names = tuple(names)
+    return step
+
+
+def _accuracy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    predictions = tf.argmax(logits, axis=-1, output_type=labels.dtype)
+    return tf.reduce_mean(tf.cast(tf.equal(predictions, labels), tf.float32))
+
+
+def make_train_loop(
+    strategy: tf.distribute.Strategy,
+    step: Callable[[Mapping[str, tf.Tensor]], dict[str, tf.Tensor]],
+) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
+    """One tf.function running `steps` replica steps; returns mean metrics.
+
+    `step` is what make_train_step returns (it carries `metric_names`).
+    """
+
+    @tf.function
+    def train_loop(iterator: object, steps: tf.Tensor) -> dict:
+        totals = {name: tf.constant(0.0) for name in step.metric_names}
+        for _ in tf.range(steps):
+            per_replica = strategy.run(step, (next(iterator),))
+            metrics = _reduce_mean(strategy, per_replica)
+            totals = {k: totals[k] + metrics[k] for k in totals}
+        count = tf.cast(steps, tf.float32)
+        return {k: v / count for k, v in totals.items()}
+
+    return train_loop
+
+
+def _reduce_mean(
+    strategy: tf.distribute.Strategy, per_replica: Mapping[str, object]
+) -> dict[str, tf.Tensor]:
+    return {
+        key: strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+        for key, value in per_replica.items()
+    }
