@@ -1,5 +1,6 @@
 """What every benchmark records next to its figures: git SHA, package
-versions, device and date, plus peak RSS and JSON output in one place.
+versions, device and date, plus peak RSS and JSON output in one place;
+and a photo-like JPEG folder for the input benchmarks to read.
 
 Benchmarks import this as `import common` (they run as scripts from any
 directory; each puts `benchmarks/` and the repository root on sys.path).
@@ -12,8 +13,10 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
+import time
 
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -150,3 +153,66 @@ def run_configuration(
             return json.loads(line[len(prefix) :])
     tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
     return {"error": f"exit code {done.returncode}: " + " | ".join(tail)}
+
+
+def photo_like(rng: object, count: int, side: int) -> object:
+    """Smooth random colour fields plus mid-scale blobs and pixel noise.
+
+    JPEG sizes come out near real photos' (~1.2 KB at 32 px, ~18 KB at
+    224 px, quality 90), unlike pure noise (incompressible) or flat colour.
+
+    Returns:
+      uint8 [count, side, side, 3].
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    def smooth(grid: int, scale: float, centre: float) -> np.ndarray:
+        values = rng.normal(centre, scale, (count, grid, grid, 3))
+        return tf.image.resize(values, (side, side), "bicubic").numpy()
+
+    noise = rng.normal(0, 10, (count, side, side, 3))
+    images = smooth(3, 60, 128) + smooth(12, 35, 0) + noise
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def write_image_folder(path: str, count: int, side: int) -> dict:
+    """Writes `count` photo_like JPEGs in 10 class folders, unless present.
+
+    For benchmarks of image-folder and TFRecord reading: image i is
+    `path/class_{i % 10}/{i:06d}.jpg`, side x side pixels, quality 90.
+
+    Written under a temporary name and renamed, so a present folder is
+    complete; its facts are kept in `.benchmark.json` (hidden files are not
+    listed as images).
+
+    Returns:
+      write_seconds, mean_jpeg_bytes, and reused (True if it was present).
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    facts_path = os.path.join(path, ".benchmark.json")
+    if os.path.isfile(facts_path):
+        with open(facts_path) as file:
+            return {**json.load(file), "reused": True}
+    partial = path + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    rng, total_bytes, started = np.random.default_rng(0), 0, time.perf_counter()
+    for first in range(0, count, 64):
+        images = photo_like(rng, min(64, count - first), side)
+        for index, image in enumerate(images, first):
+            data = tf.io.encode_jpeg(image, quality=90).numpy()
+            folder = os.path.join(partial, f"class_{index % 10}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"{index:06d}.jpg"), "wb") as file:
+                file.write(data)
+            total_bytes += len(data)
+    facts = {
+        "write_seconds": time.perf_counter() - started,
+        "mean_jpeg_bytes": total_bytes / count,
+    }
+    with open(os.path.join(partial, ".benchmark.json"), "w") as file:
+        json.dump(facts, file)
+    os.rename(partial, path)
+    return {**facts, "reused": False}

@@ -7,6 +7,7 @@ medians, img/s) recomputed here from the rows. Timings are never asserted.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -99,6 +100,34 @@ def test_scaling_records_jit_with_several_replicas_as_skipped(tmp_path):
     assert entry["overhead"] is None
 
 
+# input_pipeline.py: every source's name, as the brief and docs name them.
+INPUT_SOURCES = (
+    "fashion_mnist", "rgb32", "rgb224", "folder32", "folder224",
+    "tfrecord32", "tfrecord224", "tfds_mock32", "tfds_mock224",
+)  # fmt: skip
+MEDIAN, RUNS = "images_per_second_median", "images_per_second_runs"
+DISTORT = "device_distort_images_per_second"
+TINY_PIPELINE = ("--batch=8", "--batches=2", "--warmup=1", "--distort_calls=1")
+
+
+def _check_rates(row: dict, key: str, runs_key: str, repeats: int) -> None:
+    """row[runs_key] has `repeats` positive rates, row[key] their median."""
+    runs = row[runs_key]
+    assert len(runs) == repeats and all(_positive_finite(r) for r in runs)
+    # rel 1e-12: the same median of the same floats.
+    assert row[key] == pytest.approx(float(np.median(runs)), rel=1e-12)
+
+
+def _load_benchmarks_common():
+    """benchmarks/common.py as a module, without touching sys.path."""
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks_common", os.path.join(BENCHMARKS, "common.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_input_pipeline_rows_and_step_ratios(tmp_path):
     step_json = tmp_path / "throughput_demo.json"
     step_rate = 100.0
@@ -116,34 +145,125 @@ def test_input_pipeline_rows_and_step_ratios(tmp_path):
     report = _run_script(
         "input_pipeline.py",
         str(tmp_path / "input_pipeline.json"),
-        "--batch=8",
-        "--batches=2",
-        "--warmup=1",
+        *TINY_PIPELINE,
         "--repeats=3",
+        "--sources=fashion_mnist,rgb32,rgb224",
+        "--augment=host",
         "--num_images_32=16",
         "--num_images_224=16",
         f"--compare_step_json={step_json}",
     )
     _check_metadata(report)
     results = report["results"]
-    assert sorted(results) == ["fashion_mnist", "rgb224", "rgb32"]
-    assert results["fashion_mnist"]["num_examples"] == 60_000
+    names = ["fashion_mnist/host", "rgb224/host", "rgb32/host"]
+    assert sorted(results) == names
+    assert results["fashion_mnist/host"]["num_examples"] == 60_000
     sides = {"fashion_mnist": (28, 1), "rgb32": (32, 3), "rgb224": (224, 3)}
     for name, (side, channels) in sides.items():
-        result = results[name]
+        result = results[name + "/host"]
+        assert result["source"] == name and result["augment"] == "host"
         assert result["view_shape"] == [8, side, side, channels]
-        runs = result["images_per_second_runs"]
-        assert len(runs) == 3
-        assert all(_positive_finite(rate) for rate in runs)
-        # rel 1e-12: the same median of the same floats.
-        assert result["images_per_second_median"] == pytest.approx(
-            float(np.median(runs)), rel=1e-12
-        )
-    assert results["rgb224"]["blur"] and not results["rgb32"]["blur"]
+        _check_rates(result, MEDIAN, RUNS, 3)
+        assert DISTORT not in result
+    assert results["rgb224/host"]["blur"] and not results["rgb32/host"]["blur"]
     comparison = report["compare_step"]
     for name, ratio in comparison["ratios"].items():
         expected = results[name]["images_per_second_median"] / step_rate
         assert ratio == pytest.approx(expected, rel=1e-12)  # same division
-    assert comparison["matching_source"] == "fashion_mnist"
-    matching_ratio = comparison["ratios"]["fashion_mnist"]
+    assert comparison["matching_rows"] == ["fashion_mnist/host"]
+    assert comparison["matching_source"] == "fashion_mnist/host"
+    matching_ratio = comparison["ratios"]["fashion_mnist/host"]
     assert comparison["meets_target"] == (matching_ratio >= 4.0)
+
+
+def test_input_pipeline_file_sources_report_host_and_device_rows(tmp_path):
+    work_dir = tmp_path / "work"
+    report = _run_script(
+        "input_pipeline.py",
+        str(tmp_path / "input_pipeline.json"),
+        *TINY_PIPELINE,
+        "--repeats=1",
+        "--sources=folder32,tfrecord32,tfds_mock32",
+        "--folder_images_32=40",
+        "--tfds_mock_images=16",
+        "--tfrecord_shards=2",
+        f"--work_dir={work_dir}",
+    )
+    results = report["results"]
+    sources = ("folder32", "tfrecord32", "tfds_mock32")
+    expected = {f"{s}/{mode}" for s in sources for mode in ("host", "device")}
+    assert set(results) == expected
+    for name, row in results.items():
+        source, mode = name.split("/")
+        assert (row["source"], row["augment"]) == (source, mode)
+        assert row["view_shape"] == [8, 32, 32, 3]
+        _check_rates(row, MEDIAN, RUNS, 1)
+        if mode == "device":
+            _check_rates(row, DISTORT, DISTORT + "_runs", 1)
+            assert "accelerator" in row["note"]
+        else:
+            assert DISTORT not in row
+    folder = results["folder32/host"]
+    assert folder["num_examples"] == 40 and _positive_finite(
+        folder["verify_seconds"]
+    )
+    # The reported mean JPEG size is that of the files on disk (exact).
+    files = list((work_dir / "folder32_40").glob("class_*/*.jpg"))
+    assert len(files) == 40
+    assert folder["mean_jpeg_bytes"] == np.mean(
+        [f.stat().st_size for f in files]
+    )
+    tfrecord = results["tfrecord32/host"]
+    assert tfrecord["num_examples"] == 40 and tfrecord["folder"].endswith(
+        "folder32_40"
+    )
+    info = json.loads(
+        (work_dir / "folder32_40_tfrecord2/dataset_info.json").read_text()
+    )
+    assert info["splits"]["train"]["num_shards"] == 2
+    mock = results["tfds_mock32/host"]
+    assert mock["num_examples"] == 16 and mock["dataset"] == "cifar10"
+    assert "decode-free" in mock["note"]
+
+
+@pytest.mark.parametrize(
+    "flag, valid",
+    [
+        ("--sources=folder32,nope", INPUT_SOURCES),
+        ("--augment=tpu", ("host", "device")),
+    ],
+)
+def test_input_pipeline_unknown_choice_lists_the_valid_ones(flag, valid):
+    command = [sys.executable, os.path.join(BENCHMARKS, "input_pipeline.py")]
+    done = subprocess.run(
+        [*command, flag], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert done.returncode != 0
+    message = done.stderr.strip().splitlines()[-1]
+    assert flag.split("=")[1].split(",")[-1] in message
+    assert f"use some of {','.join(valid)}" in message
+
+
+def test_write_image_folder_is_photo_like_and_reused(tmp_path):
+    import tensorflow as tf
+
+    common = _load_benchmarks_common()
+    path = str(tmp_path / "folder")
+    first = common.write_image_folder(path, 10, 224)
+    again = common.write_image_folder(path, 10, 224)
+    assert not first["reused"] and again["reused"]
+    assert again["mean_jpeg_bytes"] == first["mean_jpeg_bytes"]
+    classes = sorted(os.listdir(path))
+    assert classes == [".benchmark.json"] + [f"class_{k}" for k in range(10)]
+    image = tf.io.decode_jpeg(tf.io.read_file(f"{path}/class_3/000003.jpg"))
+    assert image.shape == (224, 224, 3)
+    # Photo-like: JPEGs far larger than a flat grey image's, and under half
+    # of uniform noise's at the same quality (noise barely compresses; the
+    # smooth fields + mild noise come out near 0.4x of it at 224 px).
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    flat = np.full((224, 224, 3), 128, np.uint8)
+    sizes = [
+        len(tf.io.encode_jpeg(x, quality=90).numpy()) for x in (flat, noise)
+    ]
+    assert 4 * sizes[0] < first["mean_jpeg_bytes"] < sizes[1] / 2
