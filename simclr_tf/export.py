@@ -1,9 +1,9 @@
 """SavedModel export of a trained model, and a thin loader for our own tests.
 
-Writes `<model_dir>/saved_model/<step>/` with two signatures that run the
-model in inference mode (BN moving statistics, deterministic) and return its
-named outputs. The export loads without simclr_tf. Training and checkpoints
-live elsewhere (train.py); this module only writes and prunes exports.
+Writes `<model_dir>/saved_model/<step>/` with two inference-mode signatures,
+a training-mode function for fine-tuning, and optionally `model.keras` and
+`model.tflite` beside them. The SavedModel loads without simclr_tf.
+Training and checkpoints live in train.py; this module writes and prunes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ import tensorflow as tf
 EXPORT_SUBDIR = "saved_model"
 FLOAT_ENDPOINT = "serving_default"
 UINT8_ENDPOINT = "serving_uint8"
+TRAINABLE_ENDPOINT = "trainable_call"
+KERAS_FILENAME = "model.keras"
+TFLITE_FILENAME = "model.tflite"
 _TEMP_PREFIX = "_tmp_export_"
 
 
@@ -28,6 +31,8 @@ def export_saved_model(
     *,
     image_shape: tuple[int, int, int],
     keep_max: int = 1,
+    keras_file: bool = False,
+    tflite: bool = False,
 ) -> str:
     """Exports `model` as a SavedModel to `<model_dir>/saved_model/<step>/`.
 
@@ -45,6 +50,19 @@ def export_saved_model(
     (e.g. final_avg_pool, proj_head_output, logits_sup), floating outputs
     cast to float32 so consumers see one dtype under mixed precision.
 
+    For fine-tuning (GR issues #108, #193), the loaded object also has
+    `trainable_call(images)`, float images as above, returning the same
+    dict from `model(images, training=True)`: BN normalises with batch
+    statistics and updates its moving statistics on every call. It is
+    differentiable w.r.t. `loaded.trainable_variables`, which can be
+    updated in place (e.g. `variable.assign_sub(lr * gradient)`). It is
+    deliberately not a signature, so TF-Serving never runs training mode.
+
+    With `keras_file`, the step directory also holds `model.keras`
+    (`export_keras`; loading it needs simclr_tf imported). With `tflite`,
+    it holds `model.tflite`, the float32 `serving_default` converted by
+    `export_tflite`. Both are written before the rename and pruned with it.
+
     Args:
       model: a Keras model whose call(images, training=False) returns a dict
         of tensors.
@@ -55,6 +73,8 @@ def export_saved_model(
         channel count, and an unbuilt model is built on this shape. H and W
         stay free in the signatures.
       keep_max: how many exports to keep; 0 keeps all (as in GR).
+      keras_file: also write `<step>/model.keras`.
+      tflite: also write `<step>/model.tflite`.
 
     Returns:
       The path of the export directory.
@@ -73,12 +93,112 @@ def export_saved_model(
     temp_path = os.path.join(export_root, f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
     try:
         archive.write_out(temp_path, verbose=False)
+        if keras_file:
+            export_keras(model, os.path.join(temp_path, KERAS_FILENAME))
+        if tflite:
+            export_tflite(temp_path, os.path.join(temp_path, TFLITE_FILENAME))
         _replace_directory(temp_path, final_path)
     finally:
         if tf.io.gfile.exists(temp_path):
             tf.io.gfile.rmtree(temp_path)
     _prune_exports(export_root, keep_max, keep_step=step)
     return final_path
+
+
+def export_all(
+    model: keras.Model,
+    model_dir: str,
+    step: int,
+    *,
+    image_shape: tuple[int, int, int],
+    keep_max: int = 1,
+    keras_file: bool = True,
+    tflite: bool = False,
+) -> dict[str, str]:
+    """Exports the SavedModel and, as asked, `.keras` and `.tflite` files.
+
+    Args:
+      model, model_dir, step, image_shape, keep_max, keras_file, tflite:
+        as in `export_saved_model` (here `keras_file` defaults to True).
+
+    Returns:
+      {"saved_model": <step dir>} plus "keras" and "tflite" file paths for
+      the files written, all under `<model_dir>/saved_model/<step>/`.
+
+    Raises:
+      As `export_saved_model`.
+    """
+    path = export_saved_model(
+        model,
+        model_dir,
+        step,
+        image_shape=image_shape,
+        keep_max=keep_max,
+        keras_file=keras_file,
+        tflite=tflite,
+    )
+    paths = {"saved_model": path}
+    if keras_file:
+        paths["keras"] = os.path.join(path, KERAS_FILENAME)
+    if tflite:
+        paths["tflite"] = os.path.join(path, TFLITE_FILENAME)
+    return paths
+
+
+def export_keras(model: keras.Model, path: str) -> str:
+    """Saves `model` (config + weights) as a `.keras` file.
+
+    `keras.saving.load_model(path)` rebuilds it; our layers are registered
+    Keras-serializable, so `import simclr_tf.models` must run first.
+
+    Args:
+      model: a built Keras model whose layers implement get_config.
+      path: the file to write; must end in ".keras".
+
+    Returns:
+      `path`.
+
+    Raises:
+      ValueError: `path` does not end in ".keras".
+    """
+    if not str(path).endswith(".keras"):
+        raise ValueError(
+            f"path={path!r} must end in '.keras' (Keras's zip format), "
+            f"e.g. <dir>/{KERAS_FILENAME}."
+        )
+    keras.saving.save_model(model, path)
+    return path
+
+
+def export_tflite(saved_model_dir: str, path: str) -> str:
+    """Converts an export's float `serving_default` signature to TFLite.
+
+    Float32, no quantisation, builtin ops only (inference-mode BN folds
+    into the convolutions). H and W stay dynamic (-1): resize the input
+    with `Interpreter.resize_tensor_input` before `allocate_tensors`.
+
+    Args:
+      saved_model_dir: a directory written by `export_saved_model`.
+      path: the `.tflite` file to write.
+
+    Returns:
+      `path`.
+
+    Raises:
+      FileNotFoundError: `saved_model_dir` holds no saved_model.pb.
+    """
+    if not tf.io.gfile.exists(os.path.join(saved_model_dir, "saved_model.pb")):
+        raise FileNotFoundError(
+            f"saved_model_dir={saved_model_dir!r} holds no saved_model.pb; "
+            "pass a directory written by export_saved_model."
+        )
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        saved_model_dir, signature_keys=[FLOAT_ENDPOINT]
+    )
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    with tf.io.gfile.GFile(path, "wb") as file:
+        file.write(converter.convert())
+    return path
 
 
 def load_saved_model(path: str) -> object:
@@ -175,9 +295,11 @@ def _build_if_needed(model: keras.Model, image_shape: tuple) -> None:
         model(tf.zeros((1, *image_shape), tf.float32), training=False)
 
 
-def _serving_outputs(model: keras.Model, images: tf.Tensor) -> dict:
-    """Runs the model in inference mode; floating outputs become float32."""
-    outputs = model(images, training=False)
+def _serving_outputs(
+    model: keras.Model, images: tf.Tensor, training: bool = False
+) -> dict:
+    """Runs the model (by default in inference mode); floats become float32."""
+    outputs = model(images, training=training)
     if not isinstance(outputs, Mapping):
         raise TypeError(
             f"model returned {type(outputs).__name__}; export needs a model "
@@ -209,7 +331,30 @@ def _make_archive(
     ):
         spec = tf.TensorSpec([None, None, None, channels], dtype, "images")
         archive.add_endpoint(name, function, input_signature=[spec])
+    _add_trainable_function(archive, model, channels)
     return archive
+
+
+def _add_trainable_function(
+    archive: keras.export.ExportArchive, model: keras.Model, channels: int
+) -> None:
+    """Saves `trainable_call` (training=True) as a function, not a signature.
+
+    `add_endpoint` would make it a serving signature (Keras exports every
+    endpoint as one), and a server must never update BN statistics. So the
+    function goes on the archive's saved root object directly; its variables
+    are the model's, already tracked by `archive.track(model)`.
+    """
+
+    def trainable_call(images: tf.Tensor) -> dict:
+        return _serving_outputs(model, images, training=True)
+
+    spec = tf.TensorSpec([None, None, None, channels], tf.float32, "images")
+    function = tf.function(
+        trainable_call, input_signature=[spec], autograph=False
+    )
+    # Keras 3.15 saves `archive._tf_trackable` as the SavedModel root.
+    setattr(archive._tf_trackable, TRAINABLE_ENDPOINT, function)
 
 
 def _replace_directory(source: str, destination: str) -> None:
