@@ -103,17 +103,20 @@ def run(config: config_lib.Config) -> dict[str, object]:
     if mode in ("export", "train_then_eval"):
         # Every worker exports (saving may run collectives); only the
         # chief's copy is kept.
-        path = export.export_saved_model(
+        paths = export.export_all(
             state.model,
             runtime.write_dir(state.strategy, config.model_dir),
             result["step"],
             image_shape=state.image_shape,
             keep_max=config.export.keep_hub_module_max,
+            keras_file=config.export.export_keras,
+            tflite=config.export.export_tflite,
         )
         runtime.discard_scratch(state.strategy, config.model_dir)
         if chief:
-            result["export_path"] = path
-            logging.info("exported SavedModel to %s", path)
+            result["export_path"] = paths.pop("saved_model")
+            result.update({f"export_{k}_path": v for k, v in paths.items()})
+            logging.info("exported SavedModel to %s", result["export_path"])
     result["wall_seconds"] = time.time() - started
     if chief and mode != "export":
         path = reporting.write_result(config.model_dir, result)

@@ -167,6 +167,14 @@ def _define_extension_flags() -> None:
         "v2: multiplicative brightness (GR default); v1: additive.",
     )
     d.DEFINE_bool(
+        "export_keras", True, "Also write saved_model/<step>/model.keras."
+    )
+    d.DEFINE_bool(
+        "export_tflite",
+        False,
+        "Also write saved_model/<step>/model.tflite (float32 encoder).",
+    )
+    d.DEFINE_bool(
         "verify_images",
         True,
         "--dataset=folder: decode every image once when opening, to count "
@@ -314,6 +322,8 @@ class Export:
     """SavedModel export."""
 
     keep_hub_module_max: int = 1
+    export_keras: bool = True
+    export_tflite: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -95,6 +95,11 @@ def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
     assert written["config"]["model"]["width_multiplier"] == 0.125
     assert written["versions"]["tensorflow"] == tf.__version__
     assert result["export_path"] == str(tmp_path / "saved_model" / "4")
+    # --export_keras defaults on: the Keras file sits in the export.
+    assert result["export_keras_path"] == os.path.join(
+        result["export_path"], "model.keras"
+    )
+    assert os.path.isfile(result["export_keras_path"])
     loaded = tf.saved_model.load(result["export_path"])
     images = np.random.default_rng(0).random((2, 16, 16, 3), np.float32)
     outputs = loaded.signatures["serving_default"](tf.constant(images))

@@ -37,8 +37,8 @@ _DRIVER = textwrap.dedent(
     captured = {}
     run_training = train.run_training
 
-    def recording_run_training(config):
-        summary = run_training(config)
+    def recording_run_training(config, source=None):
+        summary = run_training(config, source)
         captured["state"] = summary["state"]
         return summary
 
