@@ -176,6 +176,7 @@ def test_input_pipeline_rows_and_step_ratios(tmp_path):
     assert comparison["meets_target"] == (matching_ratio >= 4.0)
 
 
+@pytest.mark.slow  # ~45 s: writes a folder and shards, six timed rows
 def test_input_pipeline_file_sources_report_host_and_device_rows(tmp_path):
     work_dir = tmp_path / "work"
     report = _run_script(

@@ -175,7 +175,7 @@ def test_simclr_model_endpoints_extend_call_outputs(pretrain_model):
         ({"train_mode": "distill"}, "train_mode='distill'"),
         ({"ft_proj_selector": 3}, "ft_proj_selector=3"),
         ({"proj_head_mode": "none", "ft_proj_selector": 1}, "selector=1"),
-        ({"sk_ratio": 0.0625}, "sk_ratio=0.0625.*not implemented"),
+        ({"sk_ratio": -0.5}, r"sk_ratio=-0.5 must be >= 0"),
         ({"resnet_depth": 42}, "depth=42"),
     ],
 )
