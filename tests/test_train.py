@@ -264,13 +264,15 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
 
 
-def test_jit_compiled_step_matches_plain_step():
-    """XLA (what TPUs run) computes the same loss as the plain graph."""
-    batch = {
-        "view1": tf.random.uniform((16, 16, 16, 3), seed=1),
-        "view2": tf.random.uniform((16, 16, 16, 3), seed=2),
-        "label": tf.zeros([16], tf.int64),
-    }
+def _two_step_losses(config, make_iterator) -> list[float]:
+    """Contrast losses of two single-step loops from seeded weights.
+
+    make_iterator(config) gives the batches; it is called after the model
+    is built, with the global seed reset first (tf.data mixes it in).
+    """
+    keras.utils.set_random_seed(0)
+    model = train.build_model(config, 10, 3)
+    model(tf.zeros((1, 16, 16, 3)))
     schedule = train.Schedule(
         steps_per_epoch=10,
         total_steps=100,
@@ -278,23 +280,32 @@ def test_jit_compiled_step_matches_plain_step():
         checkpoint_every=0,
         steps_per_loop=1,
     )
-    losses = {}
-    for jit_compile in (False, True):
-        keras.utils.set_random_seed(0)
-        config = _tiny_config("/tmp/unused", jit_compile=jit_compile)
-        model = train.build_model(config, 10, 3)
-        model(tf.zeros((1, 16, 16, 3)))
-        optimizer = train.build_optimizer(config, schedule)
-        loop = train_step.make_train_loop(
-            tf.distribute.get_strategy(),
-            train_step.make_train_step(config, model, optimizer, 1),
+    optimizer = train.build_optimizer(config, schedule)
+    loop = train_step.make_train_loop(
+        tf.distribute.get_strategy(),
+        train_step.make_train_step(config, model, optimizer, 1),
+    )
+    iterator = make_iterator(config)
+    # Two steps: the second also checks the (XLA-compiled) update.
+    return [
+        float(loop(iterator, tf.constant(1))["contrast_loss"]) for _ in range(2)
+    ]
+
+
+def test_jit_compiled_step_matches_plain_step():
+    """XLA (what TPUs run) computes the same loss as the plain graph."""
+    batch = {
+        "view1": tf.random.uniform((16, 16, 16, 3), seed=1),
+        "view2": tf.random.uniform((16, 16, 16, 3), seed=2),
+        "label": tf.zeros([16], tf.int64),
+    }
+    losses = {
+        jit_compile: _two_step_losses(
+            _tiny_config("/tmp/unused", jit_compile=jit_compile),
+            lambda _: iter(tf.data.Dataset.from_tensors(batch).repeat()),
         )
-        iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
-        # Two steps: the second also checks the XLA-compiled update.
-        losses[jit_compile] = [
-            float(loop(iterator, tf.constant(1))["contrast_loss"])
-            for _ in range(2)
-        ]
+        for jit_compile in (False, True)
+    }
     # XLA fuses and reorders float32 sums: agreement to ~1e-6 relative was
     # measured; 1e-5 leaves room without hiding a real difference (the loss
     # changes by ~3e-2 between the two steps).
@@ -336,35 +347,20 @@ def test_augment_on_device_step_matches_host_augmentation():
     source = sources.synthetic(num_examples=16, image_size=16, seed=0)
     losses = {}
     for on_device in (False, True):
-        keras.utils.set_random_seed(0)
         config = _tiny_config(
             "/tmp/unused",
             augment_on_device=on_device,
             jit_compile=on_device,
             use_blur=True,
         )
-        model = train.build_model(config, 10, 3)
-        model(tf.zeros((1, 16, 16, 3)))
-        schedule = train.Schedule(
-            steps_per_epoch=1,
-            total_steps=100,
-            warmup_steps=0,
-            checkpoint_every=0,
-            steps_per_loop=1,
+        losses[on_device] = _two_step_losses(
+            config,
+            lambda config: iter(
+                run_data.pretrain_input_fn(config, source)(
+                    tf.distribute.InputContext()
+                )
+            ),
         )
-        optimizer = train.build_optimizer(config, schedule)
-        loop = train_step.make_train_loop(
-            tf.distribute.get_strategy(),
-            train_step.make_train_step(config, model, optimizer, 1),
-        )
-        data = run_data.pretrain_input_fn(config, source)(
-            tf.distribute.InputContext()
-        )
-        iterator = iter(data)
-        losses[on_device] = [
-            float(loop(iterator, tf.constant(1))["contrast_loss"])
-            for _ in range(2)
-        ]
     # Views agree to ~1e-6 (XLA vs tf.data summation order); the loss then
     # to ~1e-6 relative, as in test_jit_compiled_step_matches_plain_step.
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
