@@ -25,6 +25,8 @@ setuptools.setup(
         "tensorboard>=2.21,<2.22",
         # --mode=preview's caption text (and PNG reports).
         "pillow>=10",
+        # t-SNE map of the evaluation reports.
+        "scikit-learn>=1.4",
     ],
     extras_require={"test": ["pytest>=8", "ruff"]},
     entry_points={"console_scripts": ["simclr_tf=simclr_tf.cli:run_main"]},
