@@ -1,9 +1,10 @@
 """The absl application: flags → Config → the chosen --mode.
 
-train: pretrain (resumes from --model_dir). eval: offline linear evaluation
-of the latest checkpoint. train_then_eval: both, then export, result.json
-and a summary table. export: a SavedModel of the latest checkpoint.
-preview: <model_dir>/augmentations.png of the training views.
+train: --train_mode (pretrain, finetune, lineareval, distill), resuming
+from --model_dir. eval: evaluates model_dir's latest checkpoint and each new
+one as it appears (result_<step>.json). train_then_eval: train, evaluate,
+export, result.json and a summary table. export: a SavedModel of the latest
+checkpoint. preview: <model_dir>/augmentations.png of the training views.
 """
 
 from __future__ import annotations
@@ -53,14 +54,7 @@ def run(config: config_lib.Config) -> dict[str, object]:
       train_then_eval and eval).
     """
     # Imported here so that `--helpfull` and flag errors stay fast.
-    from simclr_tf import (
-        export,
-        linear_protocol,
-        reporting,
-        run_data,
-        runtime,
-        train,
-    )
+    from simclr_tf import export, reporting, run_data, run_eval, runtime, train
 
     mode = config.train.mode
     started = time.time()
@@ -77,6 +71,12 @@ def run(config: config_lib.Config) -> dict[str, object]:
             f"evaluate; use --mode=train, or put the images in class "
             f"sub-folders."
         )
+    base = {"config": config.to_dict(), "versions": _versions()}
+    if mode == "eval":
+        result = run_eval.run_eval_loop(config, source, base)
+        result.pop("state")
+        _print_table(result)
+        return result
     if mode in ("train", "train_then_eval"):
         summary = train.run_training(config, source)
     else:
@@ -89,8 +89,7 @@ def run(config: config_lib.Config) -> dict[str, object]:
         }
     result: dict[str, object] = {
         "step": int(state.optimizer.iterations.numpy()),
-        "config": config.to_dict(),
-        "versions": _versions(),
+        **base,
     }
     if "metrics" in summary:
         result.update({f"train/{k}": v for k, v in summary["metrics"].items()})
@@ -98,8 +97,8 @@ def run(config: config_lib.Config) -> dict[str, object]:
         result["train/seconds"] = summary["train_seconds"]
     chief = runtime.is_chief(state.strategy)
     result.update(reporting.skipped_files(summary["source"]))
-    if mode in ("eval", "train_then_eval"):
-        result.update(linear_protocol.run_linear_eval(config, state, source))
+    if mode == "train_then_eval":
+        result.update(run_eval.evaluate_state(config, state, source))
     if mode in ("export", "train_then_eval"):
         # Every worker exports (saving may run collectives); only the
         # chief's copy is kept.
@@ -121,18 +120,32 @@ def run(config: config_lib.Config) -> dict[str, object]:
     if chief and mode != "export":
         path = reporting.write_result(config.model_dir, result)
         logging.info("wrote %s", path)
-        if "eval/top_1" in result:
-            print(format_table(result), flush=True)
+        _print_table(result)
     return result
+
+
+def _print_table(result: Mapping[str, object]) -> None:
+    if "eval/top_1" in result:
+        print(format_table(result), flush=True)
+
+
+_MODEL_ROWS = {
+    "pretrain": "SimCLR encoder (this run)",
+    "lineareval": "linear eval (frozen)",
+    "finetune": "fine-tuned",
+    "distill": "distilled student",
+}
 
 
 def format_table(result: Mapping[str, object]) -> str:
     """The evaluation table printed at the end of train_then_eval and eval.
 
-    Linear top-1/top-5, and kNN top-1 where it was computed.
+    Top-1/top-5 (linear protocol for a pretrained encoder, the supervised
+    head otherwise), and kNN top-1 where it was computed.
     """
+    train_mode = result["config"]["train"]["train_mode"]
     rows = [
-        ("SimCLR encoder (this run)", "eval/"),
+        (_MODEL_ROWS[train_mode], "eval/"),
         ("same encoder, random init", "eval/random_init/"),
         ("raw pixels", "eval/pixels/"),
     ]
@@ -140,8 +153,7 @@ def format_table(result: Mapping[str, object]) -> str:
         f"evaluation on {result['config']['data']['dataset']}/"
         f"{result['eval/split']} (step {result['step']}, "
         f"{result['wall_seconds'] / 60:.1f} min)",
-        f"{'representation':<28}{'linear top-1':>13}{'top-5':>8}"
-        f"{'kNN top-1':>11}",
+        f"{'representation':<28}{'top-1':>13}{'top-5':>8}{'kNN top-1':>11}",
     ]
     for label, prefix in rows:
         if f"{prefix}top_1" not in result:

@@ -20,7 +20,30 @@ FLAGS = flags.FLAGS
 
 MODES = ("train", "eval", "train_then_eval", "export", "preview")
 TRAIN_MODES = ("pretrain", "finetune", "lineareval", "distill")
-IMPLEMENTED_TRAIN_MODES = ("pretrain",)
+IMPLEMENTED_TRAIN_MODES = TRAIN_MODES
+# The supervised train modes' protocol values (REFERENCE.md, "Protocols"),
+# used for the flags a command line leaves unset: linear eval is v1 App.
+# B.6, fine-tuning v2's 1% / 10% recipe. Distillation keeps the pretraining
+# defaults. Logged at start and listed in README.md.
+TRAIN_MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lineareval": {
+        "optimizer": "momentum",
+        "learning_rate": 0.1,
+        "learning_rate_scaling": "linear",
+        "weight_decay": 0.0,
+        "warmup_epochs": 0.0,
+        "train_epochs": 90,
+        "zero_init_logits_layer": True,
+    },
+    "finetune": {
+        "learning_rate": 0.005,
+        "learning_rate_scaling": "sqrt",
+        "weight_decay": 0.0,
+        "warmup_epochs": 0.0,
+        "zero_init_logits_layer": True,
+    },
+    "distill": {},
+}
 IMPLEMENTED_MODES = ("train", "eval", "train_then_eval", "export", "preview")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -225,6 +248,44 @@ def _define_extension_flags() -> None:
         0,
         "Cap on examples per split in offline evaluation (0 = all).",
     )
+    _define_transfer_flags()
+
+
+def _define_transfer_flags() -> None:
+    """Flags of fine-tuning, label fractions, distillation and reports."""
+    d = flags
+    d.DEFINE_float(
+        "label_fraction",
+        1.0,
+        "Train the supervised modes on this class-balanced fraction of "
+        "--train_split's labels (deterministic by --seed), e.g. 0.01.",
+    )
+    d.DEFINE_string(
+        "teacher",
+        None,
+        "--train_mode=distill: the teacher, a SavedModel export, a "
+        "model_dir or a checkpoint of a model with a supervised head.",
+    )
+    d.DEFINE_float(
+        "distill_temperature", 1.0, "Softmax temperature of distillation."
+    )
+    d.DEFINE_float(
+        "distill_label_weight",
+        0.0,
+        "Weight of the labelled cross-entropy mixed into distillation "
+        "(0 = teacher only, as in SimCLRv2).",
+    )
+    d.DEFINE_bool(
+        "eval_reports",
+        True,
+        "Write per-class metrics, confusion matrix, t-SNE map, retrieval "
+        "grid and TensorBoard projector after evaluation.",
+    )
+    d.DEFINE_integer(
+        "eval_timeout_secs",
+        3600,
+        "--mode=eval: stop waiting for a new checkpoint after this long.",
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -240,6 +301,7 @@ class Data:
     use_blur: bool = True
     brightness_impl: str = "v2"
     cache_dataset: bool = False
+    label_fraction: float = 1.0
     augment_on_device: bool = False
     verify_images: bool = True
 
@@ -299,6 +361,9 @@ class Train:
     checkpoint: str | None = None
     fine_tune_after_block: int = -1
     seed: int | None = None
+    teacher: str | None = None
+    distill_temperature: float = 1.0
+    distill_label_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -315,6 +380,8 @@ class Eval:
     knn_temperature: float = 0.1
     knn_every_steps: int = 0
     knn_max_train_examples: int = 10_000
+    eval_reports: bool = True
+    eval_timeout_secs: int = 3600
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -358,7 +425,8 @@ class Config:
     def from_flags(cls) -> Config:
         """Builds a Config from the parsed absl FLAGS (not validated)."""
         values = {name: FLAGS[name].value for name in FLAGS}
-        return from_dict(values)
+        explicit = {name for name in FLAGS if FLAGS[name].present}
+        return from_dict(values, explicit=explicit)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable nested dict of every setting."""
@@ -381,17 +449,23 @@ _SECTIONS = {
 }
 
 
-def from_dict(values: Mapping[str, Any]) -> Config:
+def from_dict(
+    values: Mapping[str, Any], explicit: set[str] | None = None
+) -> Config:
     """Builds a Config from flat `{flag_name: value}`; unknown keys ignored.
 
     Args:
       values: flag values by flag name, e.g. {"train_batch_size": 256}.
         Missing names take the dataclass defaults (GR's defaults).
+      explicit: the names the user set (command line or flagfile); with it,
+        the others take TRAIN_MODE_DEFAULTS of values["train_mode"].
 
     Returns:
       The Config. `cifar_stem=None` resolves to image_size <= 32 (as GR).
     """
     values = dict(values)
+    if explicit is not None:
+        values.update(mode_defaults(values.get("train_mode"), explicit))
     if values.get("cifar_stem") is None:
         values["cifar_stem"] = values.get("image_size", 224) <= 32
     sections = {}
@@ -402,6 +476,20 @@ def from_dict(values: Mapping[str, Any]) -> Config:
         )
     model_dir = values.get("model_dir") or ""
     return Config(model_dir=model_dir, **sections)
+
+
+def from_nested_dict(nested: Mapping[str, Any]) -> Config:
+    """The Config of a run from its config.json (Config.to_dict's form)."""
+    flat: dict[str, Any] = {"model_dir": nested.get("model_dir", "")}
+    for section in _SECTIONS:
+        flat.update(nested.get(section, {}))
+    return from_dict(flat)
+
+
+def mode_defaults(train_mode: str | None, explicit: set[str]) -> dict:
+    """TRAIN_MODE_DEFAULTS of train_mode for the flags not in explicit."""
+    defaults = TRAIN_MODE_DEFAULTS.get(train_mode or "pretrain", {})
+    return {k: v for k, v in defaults.items() if k not in explicit}
 
 
 def replace(config: Config, **changes: Any) -> Config:
@@ -458,6 +546,7 @@ def _check_run(config: Config) -> list[str]:
             f"use --train_mode=pretrain (the offline linear evaluation "
             f"runs after pretraining with --mode=train_then_eval)."
         )
+    problems += _check_train_mode(config)
     if config.runtime.precision == "mixed_float16" and (
         config.runtime.strategy == "tpu" or config.runtime.use_tpu
     ):
@@ -477,6 +566,63 @@ def _check_run(config: Config) -> list[str]:
         problems.append(
             f"--brightness_impl={config.data.brightness_impl} must be v1 or v2."
         )
+    return problems
+
+
+def _check_train_mode(config: Config) -> list[str]:
+    """The supervised train modes' requirements (checkpoint, teacher, ...)."""
+    problems = []
+    train, optim = config.train, config.optim
+    mode = train.train_mode
+    if mode == "lineareval":
+        if not train.checkpoint:
+            problems.append(
+                "--train_mode=lineareval evaluates a pretrained encoder; "
+                "pass --checkpoint=<pretraining model_dir, checkpoint or "
+                "SavedModel export>."
+            )
+        if optim.optimizer != "momentum" or optim.weight_decay != 0:
+            problems.append(
+                f"--train_mode=lineareval is the paper's protocol (Nesterov "
+                f"momentum, no weight decay); got --optimizer="
+                f"{optim.optimizer} --weight_decay={optim.weight_decay}. "
+                f"Drop those flags, or use --train_mode=finetune "
+                f"--fine_tune_after_block=4 for a variant."
+            )
+    if mode == "distill" and not train.teacher:
+        problems.append(
+            "--train_mode=distill needs --teacher=<SavedModel export, "
+            "model_dir or checkpoint of a fine-tuned model>."
+        )
+    if not -1 <= train.fine_tune_after_block <= 4:
+        problems.append(
+            f"--fine_tune_after_block={train.fine_tune_after_block} must be "
+            f"in [-1, 4]: -1 fine-tunes everything, 0 freezes the stem, k "
+            f"the stem and block groups 1..k, 4 the whole encoder."
+        )
+    if not 0 < config.data.label_fraction <= 1:
+        problems.append(
+            f"--label_fraction={config.data.label_fraction} must be in "
+            f"(0, 1]; use e.g. 0.01 or 0.1 (1 = all labels)."
+        )
+    elif config.data.label_fraction < 1 and mode in ("pretrain", "distill"):
+        problems.append(
+            f"--label_fraction applies to --train_mode=finetune or "
+            f"lineareval; --train_mode={mode} trains on every image of "
+            f"--train_split."
+        )
+    if not train.distill_temperature > 0:
+        problems.append(
+            f"--distill_temperature={train.distill_temperature} must be > "
+            f"0; use 1.0."
+        )
+    if not 0 <= train.distill_label_weight <= 1:
+        problems.append(
+            f"--distill_label_weight={train.distill_label_weight} must be "
+            f"in [0, 1]; 0 = teacher only."
+        )
+    if config.eval.eval_timeout_secs < 0:
+        problems.append("--eval_timeout_secs must be >= 0.")
     return problems
 
 

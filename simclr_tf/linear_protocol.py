@@ -13,11 +13,12 @@ import time
 from collections.abc import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from simclr_tf import config as config_lib
-from simclr_tf import evaluate, knn, run_data, runtime, train
+from simclr_tf import eval_reports, evaluate, knn, run_data, runtime, train
 from simclr_tf.data import sources
 
 
@@ -58,15 +59,27 @@ def run_linear_eval(
     for prefix, featurize in representations.items():
         train_features, train_labels = featurize(train_data)
         test_features, test_labels = featurize(test_data)
-        metrics = evaluate.linear_eval(
+        classifier = evaluate.train_linear_classifier(
             train_features,
             train_labels,
-            test_features,
-            test_labels,
             num_classes,
             epochs=config.eval.linear_eval_epochs,
             seed=config.train.seed or 0,
         )
+        metrics = {
+            **evaluate.evaluate_linear(classifier, test_features, test_labels),
+            "num_train": len(train_labels),
+            "num_test": len(test_labels),
+        }
+        if not prefix:
+            write_run_reports(
+                config,
+                state,
+                test_data,
+                test_labels,
+                classifier.predict_logits(test_features),
+                test_features,
+            )
         for name, value in metrics.items():
             result[f"eval/{prefix}{name}"] = value
         if config.eval.eval_knn:
@@ -90,8 +103,68 @@ def run_linear_eval(
             metrics["num_test"],
         )
     result["eval/seconds"] = time.time() - started
-    _write_scalars(config, state, result)
+    write_scalars(config, state, result)
     return result
+
+
+# Images kept in memory for the retrieval grid and projector sprite (bytes).
+_MAX_REPORT_IMAGE_BYTES = 256 * 2**20
+
+
+def write_run_reports(
+    config: config_lib.Config,
+    state: train.TrainState,
+    test_data: tf.data.Dataset,
+    labels: np.ndarray,
+    logits: np.ndarray,
+    features: np.ndarray,
+) -> dict[str, str]:
+    """The eval reports of a run into model_dir/reports and TensorBoard.
+
+    Per-class precision / recall / F1, the confusion matrix, a t-SNE map
+    and the projector of the eval split's features; the retrieval grid and
+    projector sprite when its images fit in memory. Chief only, and only
+    with --eval_reports.
+
+    Args:
+      config: the run's Config.
+      state: the TrainState evaluated (its step labels the summaries).
+      test_data: the eval batches the features came from, same order.
+      labels: [n] eval labels; logits: [n, C] the classifier's scores;
+      features: [n, F] encoder features.
+
+    Returns:
+      {report name: path}; {} when not written.
+    """
+    if not config.eval.eval_reports or not runtime.is_chief(state.strategy):
+        return {}
+    image_bytes = len(labels) * int(np.prod(state.image_shape))
+    images = None
+    if image_bytes <= _MAX_REPORT_IMAGE_BYTES:
+        images = np.concatenate(
+            [
+                np.round(np.asarray(batch["image"]) * 255).astype(np.uint8)
+                for batch in test_data
+            ]
+        )
+    step = int(state.optimizer.iterations.numpy())
+    writer = tf.summary.create_file_writer(
+        os.path.join(config.model_dir, "eval")
+    )
+    paths = eval_reports.write_reports(
+        os.path.join(config.model_dir, "reports"),
+        labels=labels,
+        predictions=np.argmax(logits, axis=-1),
+        num_classes=state.num_classes,
+        features=features,
+        images=images,
+        writer=writer,
+        step=step,
+        seed=config.train.seed or 0,
+    )
+    writer.flush()
+    logging.info("wrote reports to %s", os.path.dirname(paths["per_class_txt"]))
+    return paths
 
 
 def _random_init_model(
@@ -108,11 +181,12 @@ def _random_init_model(
     return model
 
 
-def _write_scalars(
+def write_scalars(
     config: config_lib.Config,
     state: train.TrainState,
     result: dict[str, object],
 ) -> None:
+    """Writes result's numbers to model_dir/eval at the state's step."""
     if not runtime.is_chief(state.strategy):
         return
     step = int(state.optimizer.iterations.numpy())

@@ -160,6 +160,33 @@ def supervised_loss(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(per_example)
 
 
+def distillation_loss(
+    teacher_logits: tf.Tensor, student_logits: tf.Tensor, temperature: float
+) -> tf.Tensor:
+    """SimCLRv2's distillation loss (v2 eq. 3), mean over the batch.
+
+    -sum_y P_T(y | x; t) log P_S(y | x; t), where P(y | x; t) is the softmax
+    of logits / t. No gradient reaches the teacher's logits.
+
+    Args:
+        teacher_logits: [b, C] float logits of the teacher.
+        student_logits: [b, C] float logits of the student.
+        temperature: t > 0; 1 in most of SimCLRv2's runs.
+
+    Returns:
+        float32 scalar. It equals KL(P_T || P_S) plus the teacher's entropy,
+        so it falls exactly as the KL does.
+    """
+    teacher = tf.nn.softmax(
+        tf.stop_gradient(tf.cast(teacher_logits, tf.float32)) / temperature
+    )
+    per_example = tf.nn.softmax_cross_entropy_with_logits(
+        labels=teacher,
+        logits=tf.cast(student_logits, tf.float32) / temperature,
+    )
+    return tf.reduce_mean(per_example)
+
+
 def l2_weight_decay(
     variables: Sequence[tf.Variable],
     weight_decay: float,

@@ -298,11 +298,12 @@ def build_optimizer(
     *,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    nesterov: bool = False,
 ) -> keras.optimizers.Optimizer:
     """The optimizer named by --optimizer, as in GR.
 
     Only LARS applies weight_decay itself (coupled, with its exclusions).
-    For "momentum" (SGD, no Nesterov) and "adam", weight_decay is ignored
+    For "momentum" (SGD) and "adam", weight_decay is ignored
     here: the train step adds losses.l2_weight_decay to the loss instead.
 
     Args:
@@ -310,6 +311,8 @@ def build_optimizer(
         learning_rate: float or keras LearningRateSchedule.
         momentum: momentum in [0, 1) for LARS and SGD (unused by Adam).
         weight_decay: LARS weight decay >= 0.
+        nesterov: Nesterov momentum for "momentum" (the linear-eval
+            protocol); ignored by the others.
 
     Returns:
         A keras.optimizers.Optimizer.
@@ -324,7 +327,7 @@ def build_optimizer(
     if name == "momentum":
         _check_range("momentum", momentum, 0.0, 1.0, "use e.g. 0.9")
         return keras.optimizers.SGD(
-            learning_rate, momentum=float(momentum), nesterov=False
+            learning_rate, momentum=float(momentum), nesterov=nesterov
         )
     if name == "adam":
         return keras.optimizers.Adam(learning_rate)

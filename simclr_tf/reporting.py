@@ -21,6 +21,17 @@ if TYPE_CHECKING:
     from simclr_tf import train
 
 
+# Console names of the loop metrics, in order; a run logs those it has.
+_PROGRESS_METRICS = (
+    ("contrast_loss", "loss"),
+    ("contrast_acc", "contrast_acc"),
+    ("supervised_loss", "supervised_loss"),
+    ("supervised_acc", "supervised_acc"),
+    ("distill_loss", "distill_loss"),
+    ("teacher_agreement", "teacher_agreement"),
+)
+
+
 def log_progress(
     step: int,
     total: int,
@@ -32,13 +43,10 @@ def log_progress(
     compile_loop: bool,
 ) -> None:
     eta = datetime.timedelta(seconds=round((total - step) * seconds_per_step))
-    line = (
-        f"step {step}/{total} ({100 * step / total:.0f}%) "
-        f"loss {metrics['contrast_loss']:.4f} "
-        f"contrast_acc {metrics['contrast_acc']:.3f}"
-    )
-    if "supervised_acc" in metrics:
-        line += f" supervised_acc {metrics['supervised_acc']:.3f}"
+    line = f"step {step}/{total} ({100 * step / total:.0f}%)"
+    for name, label in _PROGRESS_METRICS:
+        if name in metrics:
+            line += f" {label} {metrics[name]:.4g}"
     line += f" lr {learning_rate:.4g} {images_per_second:.0f} img/s"
     line += " (incl. compile)" if compile_loop else f" eta {eta}"
     logging.info(line)
@@ -128,9 +136,11 @@ def skipped_files(source: sources.Source) -> dict[str, object]:
     }
 
 
-def write_result(model_dir: str, result: Mapping[str, object]) -> str:
-    """Writes model_dir/result.json atomically and returns its path."""
-    path = os.path.join(model_dir, "result.json")
+def write_result(
+    model_dir: str, result: Mapping[str, object], name: str = "result.json"
+) -> str:
+    """Writes model_dir/<name> atomically and returns its path."""
+    path = os.path.join(model_dir, name)
     temporary = path + ".tmp"
     with open(temporary, "w") as file:
         json.dump(result, file, indent=2, sort_keys=True, default=str)

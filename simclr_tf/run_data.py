@@ -10,7 +10,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from simclr_tf import config as config_lib
-from simclr_tf.data import pipeline, sources
+from simclr_tf.data import pipeline, sources, subsets
 
 
 def open_split(config: config_lib.Config, split: str) -> sources.Source:
@@ -45,6 +45,29 @@ def pretrain_input_fn(
         cache=data.cache_dataset,
         augment_on_device=data.augment_on_device,
     )
+
+
+def finetune_input_fn(
+    config: config_lib.Config, source: sources.Source
+) -> pipeline.InputFn:
+    """The labelled crop + flip input_fn of the supervised train modes."""
+    return pipeline.finetune_input_fn(
+        source,
+        global_batch_size=config.train.train_batch_size,
+        image_size=config.data.image_size,
+        seed=config.train.seed,
+        cache=config.data.cache_dataset,
+    )
+
+
+def labelled_train_source(
+    config: config_lib.Config, source: sources.Source
+) -> sources.Source:
+    """`source`, cut to --label_fraction of its labels (class-balanced)."""
+    fraction = config.data.label_fraction
+    if fraction >= 1:
+        return source
+    return subsets.label_fraction_source(source, fraction, config.train.seed)
 
 
 def eval_input(

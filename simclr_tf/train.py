@@ -19,7 +19,15 @@ import tensorflow as tf
 from absl import logging
 
 from simclr_tf import config as config_lib
-from simclr_tf import monitors, optim, reporting, run_data, runtime, train_step
+from simclr_tf import (
+    monitors,
+    optim,
+    reporting,
+    run_data,
+    runtime,
+    supervised,
+    train_step,
+)
 from simclr_tf.data import sources
 from simclr_tf.models import simclr
 
@@ -116,6 +124,8 @@ def build_model(
     config: config_lib.Config, num_classes: int, image_channels: int
 ) -> simclr.SimCLRModel:
     """The SimCLRModel for a Config (call inside the strategy's scope)."""
+    if config.train.train_mode in supervised.SUPERVISED_TRAIN_MODES:
+        return supervised.build_model(config, num_classes, image_channels)
     model_config = config.model
     with_head = model_config.lineareval_while_pretraining and num_classes > 0
     return simclr.SimCLRModel(
@@ -154,6 +164,7 @@ def build_optimizer(
         learning_rate,
         momentum=config.optim.momentum,
         weight_decay=config.optim.weight_decay,
+        nesterov=config.train.train_mode == "lineareval",
     )
     if keras.mixed_precision.global_policy().name == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -191,6 +202,16 @@ def setup_run(config: config_lib.Config) -> tf.distribute.Strategy:
     return strategy
 
 
+def check_labelled(config: config_lib.Config, source: sources.Source) -> None:
+    """Raises ValueError when a run needs labels that `source` lacks."""
+    if source.num_classes == 0:
+        raise ValueError(
+            f"--train_mode={config.train.train_mode} needs labels, but "
+            f"{source.name} {source.split} at {source.origin} has none (a "
+            f"flat image folder); put the images in class sub-folders."
+        )
+
+
 def check_batch_divides(batch: int, replicas: int) -> None:
     """Raises ValueError unless every replica gets the same batch of >= 2.
 
@@ -224,6 +245,13 @@ def build_state(
         size = config.data.image_size
         # One call creates every variable (both heads) before restoring.
         model(tf.zeros((1, size, size, source.image_shape[-1])))
+        if config.train.train_mode in supervised.SUPERVISED_TRAIN_MODES:
+            frozen = supervised.freeze(
+                model,
+                config.train.train_mode,
+                config.train.fine_tune_after_block,
+            )
+            logging.info("frozen (inference-mode BN): %s", frozen or "none")
         optimizer = build_optimizer(config, schedule)
         optimizer.build(model.trainable_variables)
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
@@ -263,6 +291,14 @@ def _restore_or_initialize(
                 f"flags in {config.model_dir}/config.json to resume it."
             ) from error
         logging.info("resumed from %s", latest)
+    elif (
+        config.train.checkpoint
+        and config.train.train_mode in supervised.SUPERVISED_TRAIN_MODES
+    ):
+        # Encoder and projection head only: the supervised head starts
+        # fresh, as the linear and fine-tuning protocols ask.
+        read = supervised.initialize_from(model, config.train.checkpoint)
+        logging.info("initialised encoder and projection head from %s", read)
     elif config.train.checkpoint:
         # GR's --checkpoint: initialise weights only, step count from 0.
         tf.train.Checkpoint(model=model).read(
@@ -295,27 +331,27 @@ def run_training(
     started = time.time()
     strategy = setup_run(config)
     source = source or run_data.open_train_source(config)
-    state = build_state(config, strategy, source)
+    pretrain = config.train.train_mode == "pretrain"
+    train_source = source
+    if not pretrain:
+        check_labelled(config, source)
+        train_source = run_data.labelled_train_source(config, source)
+    state = build_state(config, strategy, train_source)
     chief = runtime.is_chief(strategy)
     if chief:
         reporting.write_config(config)
-    reporting.log_plan(config, state, source)
-    iterator = iter(
-        strategy.distribute_datasets_from_function(
-            run_data.pretrain_input_fn(config, source)
-        )
+    reporting.log_plan(config, state, train_source)
+    input_fn = (
+        run_data.pretrain_input_fn(config, source)
+        if pretrain
+        else run_data.finetune_input_fn(config, train_source)
     )
+    iterator = iter(strategy.distribute_datasets_from_function(input_fn))
     train_loop = train_step.make_train_loop(
-        strategy,
-        train_step.make_train_step(
-            config,
-            state.model,
-            state.optimizer,
-            strategy.num_replicas_in_sync,
-        ),
+        strategy, _make_step(config, state, strategy)
     )
     writer = reporting.summary_writer(config.model_dir, chief)
-    if writer is not None:
+    if writer is not None and pretrain:
         monitors.write_preview_summary(config, source, writer, state)
     monitor = monitors.KnnMonitor.create(config, state, source)
     with runtime.PreemptionWatcher() as preemption:
@@ -331,6 +367,31 @@ def run_training(
         "state": state,
         "source": source,
     }
+
+
+def _make_step(
+    config: config_lib.Config,
+    state: TrainState,
+    strategy: tf.distribute.Strategy,
+) -> Callable[[Mapping[str, tf.Tensor]], dict[str, tf.Tensor]]:
+    """The replica step of config's train mode."""
+    replicas = strategy.num_replicas_in_sync
+    mode = config.train.train_mode
+    if mode == "pretrain":
+        return train_step.make_train_step(
+            config, state.model, state.optimizer, replicas
+        )
+    teacher = None
+    if mode == "distill":
+        teacher = supervised.load_teacher(
+            config.train.teacher,
+            state.num_classes,
+            state.image_shape[-1],
+            strategy,
+        )
+    return train_step.make_supervised_step(
+        config, state.model, state.optimizer, replicas, teacher
+    )
 
 
 def restore_for_eval(

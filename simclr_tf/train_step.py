@@ -1,9 +1,11 @@
-"""The SimCLR train step and the loop that runs it steps_per_loop times.
+"""The train steps and the loop that runs one steps_per_loop times.
 
-`make_train_step` is one replica's step: (optionally) finish the views on
-the device, encode both, NT-Xent over the all-gathered batch, supervised
-head, weight decay, one optimizer update. `make_train_loop` wraps it in one
-tf.function under the strategy. The same code runs on every strategy.
+`make_train_step` is one replica's pretraining step: (optionally) finish
+the views on the device, encode both, NT-Xent over the all-gathered batch,
+supervised head, weight decay, one optimizer update. `make_supervised_step`
+is the step of finetune / lineareval / distill. `make_train_loop` wraps a
+step in one tf.function under the strategy; the same code runs on every
+strategy.
 """
 
 from __future__ import annotations
@@ -122,6 +124,77 @@ def make_train_step(
         step = tf.function(step, jit_compile=True)
     # The loop needs the names up front to start its sums at zero (tracing
     # the step once more to learn them would double the compile time).
+    step.metric_names = tuple(names)
+    return step
+
+
+def make_supervised_step(
+    config: config_lib.Config,
+    model: simclr.SimCLRModel,
+    optimizer: keras.optimizers.Optimizer,
+    num_replicas: int,
+    teacher: Callable[[tf.Tensor], tf.Tensor] | None = None,
+) -> Callable[[Mapping[str, tf.Tensor]], dict[str, tf.Tensor]]:
+    """The per-replica step of finetune, lineareval and distill.
+
+    Cross-entropy of the supervised head on labelled crop + flip views;
+    with a teacher (distill), (1 - w) * the distillation loss + w * the
+    cross-entropy, w = --distill_label_weight. Only the trainable variables
+    (see supervised.freeze) are updated.
+
+    Args:
+      config: the run's Config.
+      model: a SimCLRModel with a supervised head.
+      optimizer: its optimizer.
+      num_replicas: replicas in sync.
+      teacher: images -> teacher logits, for distillation.
+
+    Returns:
+      step(batch) -> metrics dict of float32 scalars; batch is {"image":
+      [n, S, S, C], "label": [n]} for this replica.
+    """
+    label_weight = 1.0
+    if teacher is not None:
+        label_weight = config.train.distill_label_weight
+    temperature = config.train.distill_temperature
+
+    def step(batch: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        images, labels = batch["image"], batch["label"]
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)["logits_sup"]
+            supervised = losses.supervised_loss(labels, logits)
+            metrics = {
+                "supervised_loss": supervised,
+                "supervised_acc": _accuracy(labels, logits),
+            }
+            loss = label_weight * supervised
+            if teacher is not None:
+                teacher_logits = teacher(images)
+                distill = losses.distillation_loss(
+                    teacher_logits, logits, temperature
+                )
+                loss += (1.0 - label_weight) * distill
+                metrics["distill_loss"] = distill
+                metrics["teacher_agreement"] = _accuracy(
+                    tf.argmax(teacher_logits, -1, output_type=tf.int32), logits
+                )
+            decay = _weight_decay_loss(config, model)
+            metrics["weight_decay"] = decay
+            metrics["total_loss"] = loss + decay
+            scaled_loss = (loss + decay) / num_replicas  # as in make_train_step
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                scaled_loss = optimizer.scale_loss(scaled_loss)
+        variables = model.trainable_variables
+        gradients = tape.gradient(scaled_loss, variables)
+        optimizer.apply_gradients(zip(gradients, variables, strict=True))
+        return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
+
+    names = ["supervised_loss", "supervised_acc"]
+    if teacher is not None:
+        names += ["distill_loss", "teacher_agreement"]
+    names += ["weight_decay", "total_loss"]
+    if config.runtime.jit_compile:
+        step = tf.function(step, jit_compile=True)
     step.metric_names = tuple(names)
     return step
 

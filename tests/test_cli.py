@@ -111,6 +111,18 @@ def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
     # grid of augmented views written once at the start of training.
     assert os.listdir(tmp_path / "eval")
     assert "augmentations" in _summary_tags(tmp_path / "train")
+    # --eval_reports (default on): files and TensorBoard images of the
+    # encoder's linear classifier on the 64 eval images.
+    for name in ("confusion_matrix", "embedding_map", "retrieval"):
+        assert os.path.getsize(tmp_path / "reports" / f"{name}.png") > 0
+        assert f"reports/{name}" in _summary_tags(tmp_path / "eval")
+    with open(tmp_path / "reports" / "per_class.json") as file:
+        report = json.load(file)
+    assert sum(row["support"] for row in report["per_class"]) == 64
+    assert report["accuracy"] == written["eval/top_1"]
+    assert os.path.isfile(
+        tmp_path / "reports" / "projector" / "projector_config.pbtxt"
+    )
 
 
 def _summary_tags(directory) -> set[str]:

@@ -1,0 +1,186 @@
+"""Evaluation of a run: what --mode=eval and train_then_eval report.
+
+`evaluate_state` scores the model a TrainState holds: a pretrained encoder
+by the linear protocol (and kNN) against its baselines, a supervised model
+by its own head. `run_eval_loop` is --mode=eval: it watches model_dir and
+evaluates each new checkpoint once, writing result_<step>.json, until the
+checkpoint of the last step (or --eval_timeout_secs without a new one).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+
+import tensorflow as tf
+from absl import logging
+
+from simclr_tf import config as config_lib
+from simclr_tf import (
+    linear_protocol,
+    reporting,
+    run_data,
+    runtime,
+    supervised,
+    train,
+)
+from simclr_tf.data import sources
+
+
+def evaluate_state(
+    config: config_lib.Config,
+    state: train.TrainState,
+    source: sources.Source | None = None,
+) -> dict[str, object]:
+    """Metrics of the model in `state` on --eval_split, named as in TB.
+
+    Args:
+      config: the run's Config.
+      state: the TrainState (restored or just trained).
+      source: the --train_split source if already open.
+
+    Returns:
+      eval/split, eval/top_1, eval/top_5, ... (pretraining adds kNN and the
+      baselines: see linear_protocol.run_linear_eval).
+    """
+    if config.train.train_mode == "pretrain":
+        return linear_protocol.run_linear_eval(config, state, source)
+    started = time.time()
+    test_source = run_data.open_split(config, config.data.eval_split)
+    test_data = run_data.eval_input(config, test_source)
+    scores = supervised.evaluate_classifier(state.model, test_data)
+    linear_protocol.write_run_reports(
+        config,
+        state,
+        test_data,
+        scores["labels"],
+        scores["logits"],
+        scores["features"],
+    )
+    result: dict[str, object] = {"eval/split": test_source.split}
+    for name in ("top_1", "top_5", "num_test"):
+        result[f"eval/{name}"] = scores[name]
+    result["eval/seconds"] = time.time() - started
+    logging.info(
+        "%s eval: top-1 %.4f top-5 %.4f (%d images of %s)",
+        config.train.train_mode,
+        scores["top_1"],
+        scores["top_5"],
+        scores["num_test"],
+        test_source.split,
+    )
+    linear_protocol.write_scalars(config, state, result)
+    return result
+
+
+def step_of(checkpoint_prefix: str) -> int:
+    """The step number N of a checkpoint prefix ".../ckpt-N"."""
+    match = re.search(r"-(\d+)$", checkpoint_prefix)
+    if match is None:
+        raise ValueError(
+            f"{checkpoint_prefix} is not a checkpoint prefix ending in -N."
+        )
+    return int(match.group(1))
+
+
+def watch_checkpoints(
+    model_dir: str,
+    *,
+    last_step: int,
+    timeout_secs: float,
+    poll_secs: float = 5.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[tuple[str, int]]:
+    """Yields (prefix, step) of model_dir's latest checkpoint, then of each
+    newer one as it appears, each once.
+
+    Stops after yielding a checkpoint at step >= last_step, or when no new
+    checkpoint appears for timeout_secs after the previous one was handled
+    (0 = do not wait: only what is there now).
+    """
+    seen = -1
+    deadline = time.monotonic() + timeout_secs
+    while True:
+        prefix = tf.train.latest_checkpoint(model_dir)
+        step = step_of(prefix) if prefix else -1
+        if step > seen:
+            yield prefix, step
+            if step >= last_step:
+                return
+            seen = step
+            deadline = time.monotonic() + timeout_secs
+        elif time.monotonic() >= deadline:
+            logging.warning(
+                "no checkpoint after step %d appeared in %s within %d s "
+                "(--eval_timeout_secs); stopping.",
+                max(seen, 0),
+                model_dir,
+                timeout_secs,
+            )
+            return
+        else:
+            sleep(poll_secs)
+
+
+def run_eval_loop(
+    config: config_lib.Config,
+    source: sources.Source,
+    base_result: dict[str, object],
+) -> dict[str, object]:
+    """--mode=eval: evaluates each new checkpoint of model_dir once.
+
+    Args:
+      config: the run's Config.
+      source: the --train_split source.
+      base_result: entries every result holds (config, versions).
+
+    Returns:
+      The last checkpoint's result (also model_dir/result.json); each
+      checkpoint's is in model_dir/result_<step>.json.
+
+    Raises:
+      FileNotFoundError: no checkpoint appeared within the timeout.
+    """
+    strategy = train.setup_run(config)
+    if config.train.train_mode != "pretrain":
+        train.check_labelled(config, source)
+        source = run_data.labelled_train_source(config, source)
+    state = None
+    result: dict[str, object] = {}
+    for prefix, step in watch_checkpoints(
+        config.model_dir,
+        last_step=_last_step(config, source),
+        timeout_secs=config.eval.eval_timeout_secs,
+    ):
+        started = time.time()
+        if state is None:
+            state = train.build_state(config, strategy, source)
+        state.manager.checkpoint.restore(prefix).expect_partial()
+        logging.info("evaluating %s (step %d)", prefix, step)
+        result = {**base_result, "step": step, "checkpoint": prefix}
+        result.update(evaluate_state(config, state, source))
+        result["wall_seconds"] = time.time() - started
+        if runtime.is_chief(strategy):
+            path = reporting.write_result(
+                config.model_dir, result, f"result_{step}.json"
+            )
+            reporting.write_result(config.model_dir, result)
+            logging.info("wrote %s", path)
+    if not result:
+        raise FileNotFoundError(
+            f"--model_dir={config.model_dir} holds no checkpoint to evaluate "
+            f"and none appeared within --eval_timeout_secs="
+            f"{config.eval.eval_timeout_secs}; train first (--mode=train) "
+            f"or point --model_dir at a run."
+        )
+    result["state"] = state
+    return result
+
+
+def _last_step(config: config_lib.Config, source: sources.Source) -> int:
+    """The run's final step, from the same schedule as training."""
+    schedule = train.resolve_schedule(
+        config.train, config.optim, source.num_examples
+    )
+    return schedule.total_steps

@@ -1,0 +1,289 @@
+"""What the supervised train modes add to pretraining's model and loop.
+
+`--train_mode=finetune | lineareval | distill` train one SimCLRModel in
+"finetune" mode (a supervised head on hiddens[ft_proj_selector]) on
+crop + flip views with labels. They differ in what learns (`freeze`), where
+the weights start (`initialize_from`: a pretraining checkpoint, model_dir
+or SavedModel) and the loss (distillation from `load_teacher`'s logits).
+`evaluate_classifier` scores the supervised head on the eval split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from simclr_tf import config as config_lib
+from simclr_tf import evaluate
+from simclr_tf.models import simclr
+
+SUPERVISED_TRAIN_MODES = ("finetune", "lineareval", "distill")
+ENCODER_BLOCK_GROUPS = 4
+
+
+def build_model(
+    config: config_lib.Config, num_classes: int, image_channels: int
+) -> simclr.SimCLRModel:
+    """The model of a supervised train mode: gradients reach the encoder
+    through the supervised head, unless `freeze` stops them."""
+    model_config = config.model
+    return simclr.SimCLRModel(
+        resnet_depth=model_config.resnet_depth,
+        width_multiplier=model_config.width_multiplier,
+        cifar_stem=model_config.cifar_stem,
+        image_channels=image_channels,
+        sk_ratio=model_config.sk_ratio,
+        se_ratio=model_config.se_ratio,
+        proj_head_mode=model_config.proj_head_mode,
+        proj_out_dim=model_config.proj_out_dim,
+        num_proj_layers=model_config.num_proj_layers,
+        ft_proj_selector=model_config.ft_proj_selector,
+        num_classes=num_classes,
+        train_mode="finetune",
+        zero_init_logits_layer=model_config.zero_init_logits_layer,
+        batch_norm_decay=model_config.batch_norm_decay,
+        global_bn=model_config.global_bn,
+    )
+
+
+def freeze(
+    model: simclr.SimCLRModel, train_mode: str, fine_tune_after_block: int
+) -> list[str]:
+    """Marks the layers that must not learn as non-trainable.
+
+    A non-trainable layer gets no gradient and its BatchNormalization runs
+    in inference mode (moving statistics used, never updated).
+
+    lineareval: the whole encoder and projection head (v1 App. B.6).
+    finetune and distill: with fine_tune_after_block = k >= 0 the stem, and
+    block groups 1..k (GR's flag: -1 trains everything, 4 only the heads);
+    always the projection-head layers past ft_proj_selector, which the
+    supervised head does not read.
+
+    Args:
+      model: a built SimCLRModel with a supervised head.
+      train_mode: "finetune", "lineareval" or "distill".
+      fine_tune_after_block: -1..4.
+
+    Returns:
+      Names of the layers frozen here.
+    """
+    if train_mode == "lineareval":
+        model.encoder.trainable = False
+        model.projection_head.trainable = False
+        return [model.encoder.name, model.projection_head.name]
+    prefixes = ["initial_"] if fine_tune_after_block >= 0 else []
+    prefixes += [
+        f"block_group{group}_"
+        for group in range(1, min(fine_tune_after_block, 4) + 1)
+    ]
+    frozen = []
+    for layer in model.encoder.layers:
+        if layer.weights and layer.name.startswith(tuple(prefixes)):
+            layer.trainable = False
+            frozen.append(layer.name)
+    head = model.projection_head
+    selector = model.ft_proj_selector
+    used = selector if selector >= 0 else head.num_layers + 1 + selector
+    for index in range(used, head.num_layers):
+        for layer in (head.dense_layers[index], head.batch_norm_layers[index]):
+            layer.trainable = False
+            frozen.append(f"{head.name}/{layer.name}")
+    return frozen
+
+
+def initialize_from(model: simclr.SimCLRModel, path: str) -> str:
+    """Loads a pretrained encoder and projection head (GR's --checkpoint).
+
+    The supervised head keeps its fresh initialisation (zeros with
+    --zero_init_logits_layer), as the linear and fine-tuning protocols ask.
+
+    Args:
+      model: a built SimCLRModel.
+      path: a SavedModel export (a directory with saved_model.pb), a
+        model_dir (its latest checkpoint) or a checkpoint prefix.
+
+    Returns:
+      The checkpoint or export actually read, for the log.
+
+    Raises:
+      FileNotFoundError: nothing to read at path.
+      ValueError: what path holds does not fit the model's architecture.
+    """
+    if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+        _copy_from_saved_model(model, path)
+        return path
+    prefix = _checkpoint_prefix(path, "--checkpoint")
+    parts = tf.train.Checkpoint(
+        encoder=model.encoder, projection_head=model.projection_head
+    )
+    try:
+        status = tf.train.Checkpoint(model=parts).read(prefix)
+        status.assert_existing_objects_matched().expect_partial()
+    except (AssertionError, ValueError) as error:
+        raise ValueError(
+            f"--checkpoint={path} ({prefix}) does not fit this model: "
+            f"{str(error)[:300]}. Pass the encoder flags of the pretraining "
+            f"run (--resnet_depth, --width_multiplier, --sk_ratio, "
+            f"--num_proj_layers, ...; see its config.json)."
+        ) from error
+    return prefix
+
+
+def _checkpoint_prefix(path: str, flag: str) -> str:
+    """A checkpoint prefix from a prefix or a directory of checkpoints."""
+    if tf.io.gfile.isdir(path):
+        prefix = tf.train.latest_checkpoint(path)
+        if prefix is None:
+            raise FileNotFoundError(
+                f"{flag}={path} is a directory without checkpoints or "
+                f"saved_model.pb; pass a pretraining model_dir, a "
+                f"checkpoint prefix (model_dir/ckpt-N) or a SavedModel "
+                f"export (model_dir/saved_model/N)."
+            )
+        return prefix
+    if not tf.io.gfile.exists(path + ".index"):
+        raise FileNotFoundError(
+            f"{flag}={path}: no such checkpoint ({path}.index is missing); "
+            f"pass a model_dir, a checkpoint prefix or a SavedModel export."
+        )
+    return path
+
+
+def _copy_from_saved_model(model: simclr.SimCLRModel, path: str) -> None:
+    """Copies an exported SimCLRModel's encoder and head weights.
+
+    An export tracks the model's variables in the model's own order:
+    encoder, projection head, then the supervised head (if any).
+    """
+    loaded = tf.saved_model.load(path)
+    targets = model.encoder.variables + model.projection_head.variables
+    exported = list(loaded.variables)[: len(targets)]
+    for target, source in zip(targets, exported, strict=False):
+        source_name = source.name.split(":")[0].rsplit("/", 1)[-1]
+        if len(exported) < len(targets) or (
+            tuple(target.shape) != tuple(source.shape)
+            or not target.path.endswith(source_name)
+        ):
+            raise ValueError(
+                f"--checkpoint={path}: the exported model does not fit "
+                f"this one ({source.name} {tuple(source.shape)} vs "
+                f"{target.path} {tuple(target.shape)}). Pass the encoder "
+                f"flags of the run that exported it."
+            )
+        target.assign(source)
+
+
+def load_teacher(
+    path: str,
+    num_classes: int,
+    image_channels: int,
+    strategy: tf.distribute.Strategy,
+) -> Callable[[tf.Tensor], tf.Tensor]:
+    """The distillation teacher as images -> logits, BN in inference mode.
+
+    Args:
+      path: a SavedModel export with a "logits_sup" output, or the model_dir
+        (or a checkpoint in it) of a fine-tuned run, whose config.json
+        gives the architecture.
+      num_classes: classes of the student's head; the teacher must match.
+      image_channels: C of the images.
+      strategy: the run's strategy (the teacher's variables live in it).
+
+    Returns:
+      teacher(images [b, H, W, C] float32 in [0, 1]) -> [b, C] float32.
+
+    Raises:
+      FileNotFoundError, ValueError: no usable teacher at path.
+    """
+    with strategy.scope():
+        if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+            loaded = tf.saved_model.load(path)
+            logits = loaded.serving_default(
+                tf.zeros((1, 8, 8, image_channels), tf.float32)
+            ).get("logits_sup")
+            _check_teacher_classes(path, logits, num_classes)
+            return lambda images: loaded.serving_default(images)["logits_sup"]
+        teacher = _teacher_from_checkpoint(path, num_classes, image_channels)
+    return lambda images: teacher(images, training=False)["logits_sup"]
+
+
+def _teacher_from_checkpoint(
+    path: str, num_classes: int, image_channels: int
+) -> simclr.SimCLRModel:
+    prefix = _checkpoint_prefix(path, "--teacher")
+    config_path = os.path.join(os.path.dirname(prefix), "config.json")
+    if not tf.io.gfile.exists(config_path):
+        raise FileNotFoundError(
+            f"--teacher={path}: {config_path} is missing, so the teacher's "
+            f"architecture is unknown; pass its SavedModel export "
+            f"(model_dir/saved_model/N) instead."
+        )
+    with tf.io.gfile.GFile(config_path) as file:
+        teacher_config = config_lib.from_nested_dict(json.load(file))
+    teacher = build_model(teacher_config, num_classes, image_channels)
+    teacher(tf.zeros((1, 8, 8, image_channels)))
+    try:
+        tf.train.Checkpoint(model=teacher).read(
+            prefix
+        ).assert_existing_objects_matched()
+    except (AssertionError, ValueError) as error:
+        raise ValueError(
+            f"--teacher={path} ({prefix}) is not a fine-tuned model with a "
+            f"{num_classes}-class head: {str(error)[:300]}."
+        ) from error
+    logging.info("teacher: %s", prefix)
+    return teacher
+
+
+def _check_teacher_classes(
+    path: str, logits: tf.Tensor | None, num_classes: int
+) -> None:
+    if logits is None or int(logits.shape[-1]) != num_classes:
+        found = "no logits_sup" if logits is None else logits.shape[-1]
+        raise ValueError(
+            f"--teacher={path} has {found} output classes; the student's "
+            f"dataset has {num_classes}. Use a teacher fine-tuned on the "
+            f"same dataset."
+        )
+
+
+def evaluate_classifier(
+    model: keras.Model, dataset: Iterable[Mapping[str, tf.Tensor]]
+) -> dict[str, object]:
+    """Scores the supervised head (BN in inference mode) on a dataset.
+
+    Args:
+      model: a SimCLRModel with a supervised head.
+      dataset: batches {"image": [b, H, W, C] float32, "label": [b]}.
+
+    Returns:
+      {"top_1", "top_5", "num_test"} plus numpy "logits" [n, C], "labels"
+      [n] and "features" [n, F] (final_avg_pool) for reports.
+    """
+    forward = tf.function(
+        lambda images: model(images, training=False), reduce_retracing=True
+    )
+    logits, labels, features = [], [], []
+    for batch in dataset:
+        outputs = forward(batch["image"])
+        logits.append(outputs["logits_sup"].numpy())
+        features.append(outputs["final_avg_pool"].numpy().astype(np.float32))
+        labels.append(np.asarray(batch["label"], np.int64))
+    if not logits:
+        raise ValueError("the eval split is empty; pass another --eval_split.")
+    logits_array, labels_array = np.concatenate(logits), np.concatenate(labels)
+    return {
+        "top_1": evaluate.top_k_accuracy(logits_array, labels_array, 1),
+        "top_5": evaluate.top_k_accuracy(logits_array, labels_array, 5),
+        "num_test": int(labels_array.shape[0]),
+        "logits": logits_array,
+        "labels": labels_array,
+        "features": np.concatenate(features),
+    }
