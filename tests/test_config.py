@@ -56,11 +56,28 @@ def test_config_cifar_stem_follows_image_size():
 
 
 def test_config_flagfiles_parse_and_validate():
-    for name in ("demo", "fashion_mnist", "cifar10", "imagenet"):
+    names = sorted(path.stem for path in FLAGS_DIR.glob("*.cfg"))
+    assert {"demo", "demo_lineareval", "imagenet_finetune_1pct"} <= set(names)
+    for name in names:
         config = _parse(
             f"--flagfile={FLAGS_DIR / name}.cfg", "--model_dir=/tmp/x"
         )
-        assert config_lib.validate(config) is config
+        assert config_lib.validate(config) is config, name
+
+
+def test_train_mode_defaults_fill_only_flags_not_given():
+    linear = _parse("--flagfile=" + str(FLAGS_DIR / "demo_lineareval.cfg"))
+    # The flagfile sets neither: the protocol's values (v1 App. B.6).
+    assert linear.optim.optimizer == "momentum"
+    assert linear.optim.learning_rate == 0.1
+    assert linear.optim.weight_decay == 0.0
+    # Given on the command line, a flag keeps its value.
+    finetune = _parse("--train_mode=finetune", "--learning_rate=0.2")
+    assert finetune.optim.learning_rate == 0.2
+    assert finetune.optim.learning_rate_scaling == "sqrt"
+    assert _parse("--learning_rate=0.2").optim.learning_rate_scaling == (
+        "linear"
+    )
 
 
 def test_config_round_trips_through_json():
@@ -103,9 +120,9 @@ def test_validate_rejects_selector_outside_head():
         config_lib.validate(config)
 
 
-def test_validate_rejects_unimplemented_train_mode():
+def test_validate_rejects_distill_without_teacher():
     config = config_lib.from_dict({"model_dir": "/x", "train_mode": "distill"})
-    with pytest.raises(ValueError, match="--train_mode=distill"):
+    with pytest.raises(ValueError, match="--train_mode=distill needs"):
         config_lib.validate(config)
 
 
