@@ -28,6 +28,6 @@ setuptools.setup(
         # t-SNE map of the evaluation reports.
         "scikit-learn>=1.4",
     ],
-    extras_require={"test": ["pytest>=8", "ruff"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist", "ruff"]},
     entry_points={"console_scripts": ["simclr_tf=simclr_tf.cli:run_main"]},
 )

@@ -4,7 +4,7 @@ Features come from one pass of the frozen encoder (BN in inference mode) over
 eval-preprocessed images (centre crop, or none at <= 32 px). Unlike the
 paper's protocol, the classifier then trains without crop + flip, because
 recomputing the encoder every epoch is too slow on a CPU; the full protocol
-with augmentation is `--train_mode=lineareval` (planned). kNN eval and the
+with augmentation is `--train_mode=lineareval`. kNN eval and the
 eval-over-checkpoints loop are not here.
 """
 

@@ -25,7 +25,18 @@ tf.config.set_logical_device_configuration(
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
-    """Each test starts with float32, a cleared Keras session and seed 0."""
+    """Each test starts with float32, a cleared Keras session, seed 0 and
+    fresh collective keys.
+
+    Every MirroredStrategy numbers its collective groups from the class
+    attribute _collective_key_base (TF's own tests raise it the same way);
+    two strategies over the same devices built from one base share group
+    and instance keys, and a later one fails with "Shape mismatch in the
+    collective instance 100" or "joining a group with size 4, but that
+    group has size 2". A new base per test keeps tests independent of
+    their order.
+    """
+    tf.distribute.MirroredStrategy._collective_key_base += 100_000
     keras.mixed_precision.set_global_policy("float32")
     keras.utils.clear_session()
     keras.utils.set_random_seed(0)

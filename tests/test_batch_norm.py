@@ -107,7 +107,6 @@ def test_bfloat16_policy_keeps_bfloat16_activations_close_to_float32():
 def test_synchronised_layer_on_several_replicas_uses_global_statistics():
     """With 2 replicas and synchronized=True the layer must not use the
     (local) fused kernel: outputs equal BN over the whole global batch."""
-    tf.distribute.MirroredStrategy._collective_key_base += 100_000
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     rng = np.random.default_rng(3)
     # Replicas get batches with very different statistics.
@@ -136,7 +135,6 @@ def test_synchronised_gradients_equal_the_global_batch_formulas():
     """On 2 replicas, dx of each replica's rows and the replica-summed
     dgamma, dbeta equal BN's gradients over the whole global batch; the
     moving statistics are the global ones."""
-    tf.distribute.MirroredStrategy._collective_key_base += 100_000
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     rng = np.random.default_rng(4)
     x = np.concatenate(

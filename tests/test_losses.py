@@ -235,13 +235,8 @@ def test_l2_weight_decay_skips_excluded_paths():
 
 
 def _mirrored_strategy(replicas):
-    """A MirroredStrategy over the first `replicas` virtual CPUs.
-
-    Each strategy numbers its collective groups from the class attribute
-    _collective_key_base (TF's own tests raise it the same way); without a
-    fresh base a 4-replica strategy collides with an earlier 2-replica one
-    ("joining a group with size 4, but that group has size 2").
-    """
+    """A MirroredStrategy over the first `replicas` virtual CPUs, with
+    fresh collective keys (a test may build several; see conftest)."""
     tf.distribute.MirroredStrategy._collective_key_base += 100_000
     devices = [f"/cpu:{index}" for index in range(replicas)]
     return tf.distribute.MirroredStrategy(devices)

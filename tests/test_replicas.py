@@ -83,11 +83,9 @@ def _dataset(batch: dict[str, np.ndarray]) -> tf.data.Dataset:
 
 
 def _mirrored_strategy(replicas: int) -> tf.distribute.MirroredStrategy:
-    """MirroredStrategy over the first `replicas` virtual CPUs.
-
-    A fresh collective key base per strategy avoids TF's "joining a group
-    with size 4, but that group has size 2" clash (see test_losses.py).
-    """
+    """MirroredStrategy over the first `replicas` virtual CPUs (a fresh
+    collective key base, as conftest gives each test: a fixture may build
+    several strategies)."""
     tf.distribute.MirroredStrategy._collective_key_base += 100_000
     return tf.distribute.MirroredStrategy(
         [f"/cpu:{index}" for index in range(replicas)]
