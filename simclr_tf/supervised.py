@@ -27,31 +27,6 @@ SUPERVISED_TRAIN_MODES = ("finetune", "lineareval", "distill")
 ENCODER_BLOCK_GROUPS = 4
 
 
-def build_model(
-    config: config_lib.Config, num_classes: int, image_channels: int
-) -> simclr.SimCLRModel:
-    """The model of a supervised train mode: gradients reach the encoder
-    through the supervised head, unless `freeze` stops them."""
-    model_config = config.model
-    return simclr.SimCLRModel(
-        resnet_depth=model_config.resnet_depth,
-        width_multiplier=model_config.width_multiplier,
-        cifar_stem=model_config.cifar_stem,
-        image_channels=image_channels,
-        sk_ratio=model_config.sk_ratio,
-        se_ratio=model_config.se_ratio,
-        proj_head_mode=model_config.proj_head_mode,
-        proj_out_dim=model_config.proj_out_dim,
-        num_proj_layers=model_config.num_proj_layers,
-        ft_proj_selector=model_config.ft_proj_selector,
-        num_classes=num_classes,
-        train_mode="finetune",
-        zero_init_logits_layer=model_config.zero_init_logits_layer,
-        batch_norm_decay=model_config.batch_norm_decay,
-        global_bn=model_config.global_bn,
-    )
-
-
 def freeze(
     model: simclr.SimCLRModel, train_mode: str, fine_tune_after_block: int
 ) -> list[str]:
@@ -227,7 +202,10 @@ def _teacher_from_checkpoint(
         )
     with tf.io.gfile.GFile(config_path) as file:
         teacher_config = config_lib.from_nested_dict(json.load(file))
-    teacher = build_model(teacher_config, num_classes, image_channels)
+    # train builds every model and imports this module: import it late.
+    from simclr_tf import train
+
+    teacher = train.build_model(teacher_config, num_classes, image_channels)
     teacher(tf.zeros((1, 8, 8, image_channels)))
     try:
         tf.train.Checkpoint(model=teacher).read(

@@ -123,11 +123,18 @@ def resolve_schedule(
 def build_model(
     config: config_lib.Config, num_classes: int, image_channels: int
 ) -> simclr.SimCLRModel:
-    """The SimCLRModel for a Config (call inside the strategy's scope)."""
-    if config.train.train_mode in supervised.SUPERVISED_TRAIN_MODES:
-        return supervised.build_model(config, num_classes, image_channels)
+    """The SimCLRModel for a Config (call inside the strategy's scope).
+
+    Pretraining: a supervised head (behind stop_gradient) when
+    --lineareval_while_pretraining and the data has labels. The supervised
+    train modes: a head in "finetune" mode, which gradients pass through
+    unless supervised.freeze stops them.
+    """
     model_config = config.model
-    with_head = model_config.lineareval_while_pretraining and num_classes > 0
+    tuning = config.train.train_mode in supervised.SUPERVISED_TRAIN_MODES
+    with_head = tuning or (
+        model_config.lineareval_while_pretraining and num_classes > 0
+    )
     return simclr.SimCLRModel(
         resnet_depth=model_config.resnet_depth,
         width_multiplier=model_config.width_multiplier,
@@ -140,7 +147,7 @@ def build_model(
         num_proj_layers=model_config.num_proj_layers,
         ft_proj_selector=model_config.ft_proj_selector,
         num_classes=num_classes if with_head else None,
-        train_mode="pretrain",
+        train_mode="finetune" if tuning else "pretrain",
         zero_init_logits_layer=model_config.zero_init_logits_layer,
         batch_norm_decay=model_config.batch_norm_decay,
         global_bn=model_config.global_bn,
