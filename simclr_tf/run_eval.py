@@ -9,6 +9,7 @@ checkpoint of the last step (or --eval_timeout_secs without a new one).
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -120,6 +121,10 @@ def watch_checkpoints(
             )
             return
         else:
+            if seen < 0 and step < 0:
+                logging.log_first_n(
+                    logging.INFO, "waiting for a checkpoint in %s", 1, model_dir
+                )
             sleep(poll_secs)
 
 
@@ -142,6 +147,7 @@ def run_eval_loop(
     Raises:
       FileNotFoundError: no checkpoint appeared within the timeout.
     """
+    _check_something_to_watch(config.model_dir)
     strategy = train.setup_run(config)
     if config.train.train_mode != "pretrain":
         train.check_labelled(config, source)
@@ -176,6 +182,23 @@ def run_eval_loop(
         )
     result["state"] = state
     return result
+
+
+def _check_something_to_watch(model_dir: str) -> None:
+    """Fails at once on a model_dir no training run has started in.
+
+    A run writes config.json before its first step; only then is waiting
+    for checkpoints (up to --eval_timeout_secs) worth it.
+    """
+    if tf.train.latest_checkpoint(model_dir) or tf.io.gfile.exists(
+        os.path.join(model_dir, "config.json")
+    ):
+        return
+    raise FileNotFoundError(
+        f"--model_dir={model_dir} holds no checkpoint and no training run "
+        f"(config.json) to wait for; train first (--mode=train, or "
+        f"train_then_eval) or point --model_dir at a run."
+    )
 
 
 def _last_step(config: config_lib.Config, source: sources.Source) -> int:

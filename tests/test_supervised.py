@@ -440,3 +440,11 @@ def test_eval_mode_writes_a_result_per_checkpoint(tmp_path, pretrained):
     # Restored weights score what the trained model scored.
     assert written["eval/top_1"] == trained["eval/top_1"]
     assert written["eval/num_test"] == 64
+
+
+def test_eval_mode_on_a_directory_without_a_run_fails_at_once(tmp_path):
+    # No checkpoint and no config.json: nothing will appear, so no waiting
+    # for --eval_timeout_secs (an hour by default).
+    config = _config(tmp_path, mode="eval")
+    with pytest.raises(FileNotFoundError, match="no training run"):
+        cli.run(config)
