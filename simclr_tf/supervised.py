@@ -56,7 +56,9 @@ def freeze(
     prefixes = ["initial_"] if fine_tune_after_block >= 0 else []
     prefixes += [
         f"block_group{group}_"
-        for group in range(1, min(fine_tune_after_block, 4) + 1)
+        for group in range(
+            1, min(fine_tune_after_block, ENCODER_BLOCK_GROUPS) + 1
+        )
     ]
     frozen = []
     for layer in model.encoder.layers:
