@@ -104,28 +104,13 @@ def make_train_step(
             loss += decay
             metrics["weight_decay"] = decay
             metrics["total_loss"] = loss
-            # Invariant: each replica's loss is the mean over its own 2n
-            # anchors; dividing by the replica count once, here, makes the
-            # SUM of replica gradients (what the optimizer applies) equal the
-            # gradient of the global-batch loss.
-            scaled_loss = loss / num_replicas
-            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-                scaled_loss = optimizer.scale_loss(scaled_loss)
-        variables = model.trainable_variables
-        gradients = tape.gradient(scaled_loss, variables)
-        optimizer.apply_gradients(zip(gradients, variables, strict=True))
-        return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
+            scaled_loss = _replica_loss(loss, num_replicas, optimizer)
+        return _update(tape, scaled_loss, model, optimizer, metrics)
 
     names = ["contrast_acc", "contrast_entropy", "contrast_loss"]
     if model.supervised_head is not None:
         names += ["supervised_loss", "supervised_acc"]
-    names += ["weight_decay", "total_loss"]
-    if config.runtime.jit_compile:
-        step = tf.function(step, jit_compile=True)
-    # The loop needs the names up front to start its sums at zero (tracing
-    # the step once more to learn them would double the compile time).
-    step.metric_names = tuple(names)
-    return step
+    return _finish(config, step, names)
 
 
 def make_supervised_step(
@@ -181,21 +166,59 @@ def make_supervised_step(
             decay = _weight_decay_loss(config, model)
             metrics["weight_decay"] = decay
             metrics["total_loss"] = loss + decay
-            scaled_loss = (loss + decay) / num_replicas  # as in make_train_step
-            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-                scaled_loss = optimizer.scale_loss(scaled_loss)
-        variables = model.trainable_variables
-        gradients = tape.gradient(scaled_loss, variables)
-        optimizer.apply_gradients(zip(gradients, variables, strict=True))
-        return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
+            scaled_loss = _replica_loss(loss + decay, num_replicas, optimizer)
+        return _update(tape, scaled_loss, model, optimizer, metrics)
 
     names = ["supervised_loss", "supervised_acc"]
     if teacher is not None:
         names += ["distill_loss", "teacher_agreement"]
-    names += ["weight_decay", "total_loss"]
+    return _finish(config, step, names)
+
+
+def _replica_loss(
+    loss: tf.Tensor,
+    num_replicas: int,
+    optimizer: keras.optimizers.Optimizer,
+) -> tf.Tensor:
+    """The loss this replica differentiates (call inside the tape).
+
+    Invariant: each replica's loss is the mean over its own examples;
+    dividing by the replica count once, here, makes the SUM of replica
+    gradients (what the optimizer applies) equal the gradient of the
+    global-batch loss. Scaled again under mixed_float16's loss scaling.
+    """
+    scaled_loss = loss / num_replicas
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        scaled_loss = optimizer.scale_loss(scaled_loss)
+    return scaled_loss
+
+
+def _update(
+    tape: tf.GradientTape,
+    scaled_loss: tf.Tensor,
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    metrics: Mapping[str, tf.Tensor],
+) -> dict[str, tf.Tensor]:
+    """One optimizer update of the trainable variables; float32 metrics."""
+    variables = model.trainable_variables
+    gradients = tape.gradient(scaled_loss, variables)
+    optimizer.apply_gradients(zip(gradients, variables, strict=True))
+    return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
+
+
+def _finish(
+    config: config_lib.Config,
+    step: Callable[[Mapping[str, tf.Tensor]], dict[str, tf.Tensor]],
+    names: list[str],
+) -> Callable[[Mapping[str, tf.Tensor]], dict[str, tf.Tensor]]:
+    """XLA-compiles the step under --jit_compile and attaches its metric
+    names (+ weight_decay, total_loss): the loop needs them up front to
+    start its sums at zero (tracing the step once more to learn them would
+    double the compile time)."""
     if config.runtime.jit_compile:
         step = tf.function(step, jit_compile=True)
-    step.metric_names = tuple(names)
+    step.metric_names = (*names, "weight_decay", "total_loss")
     return step
 
 
