@@ -29,10 +29,7 @@ import common  # noqa: E402
 
 # The models measured (benchmarks/common.py).
 MODELS = common.MODELS
-# What simclr_tf adds to MODELS: its defaults proj_out_dim=128 and the online
-# linear head of lineareval_while_pretraining=True over 10 classes.
-PROJ_OUT_DIM = 128
-NUM_CLASSES = 10
+NUM_CLASSES = common.NUM_CLASSES
 # The issue's target: default CPU mode >= 1.5x the best PyTorch mode.
 TARGET_MIN_RATIO_VS_TORCH = 1.5
 FLOPS_CONVENTION = (
@@ -67,123 +64,20 @@ _WORKER = flags.DEFINE_string(
 )
 
 
-def forward_flops_per_image(
-    image_size: int,
-    channels: int,
-    resnet_depth: int,
-    width_multiplier: float,
-    num_proj_layers: int,
-    *,
-    cifar_stem: bool | None = None,
-    proj_out_dim: int = PROJ_OUT_DIM,
-    num_classes: int = NUM_CLASSES,
-) -> int:
-    """Conv and dense FLOPs (2 x multiply-adds) of one view's forward pass.
-
-    Counted analytically from simclr_tf's architecture (resnet.py, heads.py):
-    stem, every conv incl. projection shortcuts, projection head and linear
-    head. BN, ReLU, additions and pooling (< 1% here) are not counted, as in
-    the usual model-FLOPs convention.
-
-    Args:
-      image_size: square input side S >= 1 (pixels).
-      channels: input channels C >= 1.
-      resnet_depth: a key of simclr_tf.models.resnet.BLOCKS_PER_GROUP.
-      width_multiplier: channel multiplier > 0.
-      num_proj_layers: dense layers of the nonlinear projection head >= 1.
-      cifar_stem: 3x3/1 stem without max-pool; None = image_size <= 32.
-      proj_out_dim: width of z.
-      num_classes: outputs of the linear head; 0 for none.
-
-    Returns:
-      FLOPs per image per view (int).
-    """
-    from simclr_tf.models import resnet
-
-    if cifar_stem is None:
-        cifar_stem = image_size <= 32
-    kernel, stride = (3, 1) if cifar_stem else (7, 2)
-    width = round(64 * width_multiplier)
-    side = -(-image_size // stride)
-    macs = side * side * kernel * kernel * channels * width
-    if not cifar_stem:
-        side = -(-side // 2)  # 3x3/2 max-pool, SAME.
-    blocks, bottleneck = resnet.BLOCKS_PER_GROUP[resnet_depth]
-    expansion = resnet.BOTTLENECK_EXPANSION if bottleneck else 1
-    for group, count in enumerate(blocks):
-        filters = round(resnet.GROUP_BASE_WIDTHS[group] * width_multiplier)
-        for block in range(count):
-            stride = resnet.GROUP_STRIDES[group] if block == 0 else 1
-            out_side = -(-side // stride)
-            if block == 0:  # 1x1 projection shortcut.
-                macs += out_side**2 * width * filters * expansion
-            if bottleneck:
-                macs += side**2 * width * filters
-                macs += out_side**2 * (9 * filters * filters)
-                macs += out_side**2 * filters * filters * expansion
-            else:
-                macs += out_side**2 * 9 * (width * filters + filters * filters)
-            side, width = out_side, filters * expansion
-    macs += (num_proj_layers - 1) * width * width + width * proj_out_dim
-    macs += width * num_classes
-    return 2 * macs
-
-
-def step_flops_per_image(model: str) -> int:
-    """Train-step FLOPs per image: 2 views x 3 x forward (the backward pass
-    costs about 2 forwards: gradients w.r.t. inputs and weights)."""
-    return 2 * 3 * forward_flops_per_image(**MODELS[model])
+# Analytic FLOPs live in common.py (the profiler benchmark uses them too).
+forward_flops_per_image = common.forward_flops_per_image
+step_flops_per_image = common.step_flops_per_image
 
 
 def _time_simclr_tf(spec: dict[str, object]) -> dict[str, object]:
     """Times simclr_tf's own train loop (one step per call) in this process."""
-    import keras
     import numpy as np
-    import tensorflow as tf
 
-    from simclr_tf import config as config_lib
-    from simclr_tf import train, train_step
-
-    model_spec = MODELS[spec["model"]]
-    keras.mixed_precision.set_global_policy(spec["precision"])
-    keras.utils.set_random_seed(0)
-    config = config_lib.from_dict(
-        {
-            **{k: v for k, v in model_spec.items() if k != "channels"},
-            "model_dir": "/tmp/unused",
-            "train_batch_size": spec["batch"],
-            "temperature": 0.5,
-            "learning_rate": 0.3,
-            "optimizer": "lars",
-            "jit_compile": spec["jit_compile"],
-        }
-    )
-    size, channels = model_spec["image_size"], model_spec["channels"]
-    model = train.build_model(config, NUM_CLASSES, channels)
-    model(tf.zeros((1, size, size, channels)))
-    schedule = train.Schedule(
-        steps_per_epoch=100,
-        total_steps=10_000,
-        warmup_steps=10,
-        checkpoint_every=0,
-        steps_per_loop=1,
-    )
-    optimizer = train.build_optimizer(config, schedule)
-    loop = train_step.make_train_loop(
-        tf.distribute.get_strategy(),
-        train_step.make_train_step(config, model, optimizer, 1),
-    )
-    shape = (spec["batch"], size, size, channels)
-    batch = {
-        "view1": tf.random.uniform(shape, seed=1),
-        "view2": tf.random.uniform(shape, seed=2),
-        "label": tf.zeros([spec["batch"]], tf.int64),
-    }
-    iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+    step = common.build_simclr_step(spec)
     times = []
     for _ in range(1 + spec["warmup"] + spec["steps"]):
         started = time.perf_counter()
-        float(loop(iterator, tf.constant(1))["contrast_loss"])
+        step.run()
         times.append(time.perf_counter() - started)
     p50, p90 = np.percentile(times[1 + spec["warmup"] :], [50, 90])
     return {
@@ -191,30 +85,13 @@ def _time_simclr_tf(spec: dict[str, object]) -> dict[str, object]:
         "step_seconds_p50": float(p50),
         "step_seconds_p90": float(p90),
         "compile_seconds": times[0],
-        "parameters": sum(
-            int(np.prod(v.shape)) for v in model.trainable_weights
-        ),
+        "parameters": step.parameters,
     }
 
 
-def _time_matmul(spec: dict[str, object]) -> dict[str, float]:
+def _time_matmul(spec: dict[str, object]) -> dict[str, dict[str, float]]:
     """FLOP/s of an n x n tf.matmul in float32 and bfloat16 (median)."""
-    import numpy as np
-    import tensorflow as tf
-
-    n = spec["size"]
-    rates = {}
-    for dtype in (tf.float32, tf.bfloat16):
-        a = tf.cast(tf.random.uniform((n, n), seed=1), dtype)
-        b = tf.cast(tf.random.uniform((n, n), seed=2), dtype)
-        product = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
-        float(product(a, b))  # Trace and warm up.
-        times = []
-        for _ in range(spec["repeats"]):
-            started = time.perf_counter()
-            float(product(a, b))
-            times.append(time.perf_counter() - started)
-        rates[dtype.name] = 2 * n**3 / float(np.median(times))
+    rates = common.matmul_flops_per_second(spec["size"], spec["repeats"])
     return {"flops_per_second": rates}
 
 
