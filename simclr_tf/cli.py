@@ -33,6 +33,14 @@ def main(argv: Sequence[str]) -> None:
         config = config_lib.validate(config_lib.Config.from_flags())
     except ValueError as error:
         sys.exit(f"simclr_tf: {error}")
+    if config.train.mode == "eval" and config_lib.saved_run_config(
+        {"model_dir": config.model_dir}
+    ):
+        logging.info(
+            "--mode=eval: settings from %s/config.json; flags given override "
+            "them.",
+            config.model_dir,
+        )
     try:
         run(config)
     except (ValueError, FileNotFoundError) as error:

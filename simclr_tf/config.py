@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -198,6 +199,9 @@ class Config:
         """Builds a Config from the parsed absl FLAGS (not validated)."""
         values = {name: FLAGS[name].value for name in FLAGS}
         explicit = {name for name in FLAGS if FLAGS[name].present}
+        saved = saved_run_config(values) if values["mode"] == "eval" else None
+        if saved is not None:
+            return over_saved_run(saved, {n: values[n] for n in explicit})
         return from_dict(values, explicit=explicit)
 
     def to_dict(self) -> dict[str, Any]:
@@ -250,12 +254,43 @@ def from_dict(
     return Config(model_dir=model_dir, **sections)
 
 
-def from_nested_dict(nested: Mapping[str, Any]) -> Config:
-    """The Config of a run from its config.json (Config.to_dict's form)."""
+def _flatten(nested: Mapping[str, Any]) -> dict[str, Any]:
+    """Config.to_dict's nested form as flat {flag_name: value}."""
     flat: dict[str, Any] = {"model_dir": nested.get("model_dir", "")}
     for section in _SECTIONS:
         flat.update(nested.get(section, {}))
-    return from_dict(flat)
+    return flat
+
+
+def from_nested_dict(nested: Mapping[str, Any]) -> Config:
+    """The Config of a run from its config.json (Config.to_dict's form)."""
+    return from_dict(_flatten(nested))
+
+
+def saved_run_config(values: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The config.json of the run in values["model_dir"], if it has one."""
+    path = os.path.join(values.get("model_dir") or "", "config.json")
+    if not values.get("model_dir") or not os.path.exists(path):
+        return None
+    with open(path) as file:
+        return json.load(file)
+
+
+def over_saved_run(
+    saved: Mapping[str, Any], given: Mapping[str, Any]
+) -> Config:
+    """--mode=eval: a run's config.json with the flags given on top.
+
+    The run's own settings (architecture, dataset, train mode, ...) need not
+    be repeated to evaluate it; every flag the command line or a flagfile
+    sets still wins, and no train-mode default replaces a saved value.
+
+    Args:
+      saved: the run's config.json (Config.to_dict's form).
+      given: {flag_name: value} of the flags set explicitly.
+    """
+    flat = {**_flatten(saved), **given}
+    return from_dict(flat, explicit=set(flat))
 
 
 def mode_defaults(train_mode: str | None, explicit: set[str]) -> dict:

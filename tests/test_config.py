@@ -139,3 +139,44 @@ def test_config_accepts_simclr_v2_blocks_and_rejects_bad_ratios():
     assert config_lib.validate(config).model.sk_ratio == 0.0625
     with pytest.raises(ValueError, match=r"--sk_ratio=-1.0 .* in \[0, 1\)"):
         config_lib.validate(_parse("--model_dir=/x", "--sk_ratio=-1"))
+
+
+def _write_run_config(model_dir: pathlib.Path, **values) -> None:
+    """Writes model_dir/config.json as a finished run would."""
+    flat = {"model_dir": str(model_dir), **values}
+    config = config_lib.from_dict(flat, explicit=set(flat))
+    (model_dir / "config.json").write_text(config.to_json())
+
+
+def test_eval_mode_takes_the_run_settings_from_its_config_json(tmp_path):
+    _write_run_config(
+        tmp_path,
+        train_mode="finetune",
+        width_multiplier=0.5,
+        learning_rate=0.08,
+        weight_decay=1e-4,
+        dataset="fashion_mnist",
+    )
+    config = _parse(f"--model_dir={tmp_path}", "--mode=eval")
+    assert config.train.mode == "eval"
+    assert config.train.train_mode == "finetune"
+    assert config.model.width_multiplier == 0.5
+    assert config.data.dataset == "fashion_mnist"
+    # Saved values, not finetune's protocol defaults (0.005, 0).
+    assert config.optim.learning_rate == 0.08
+    assert config.optim.weight_decay == 1e-4
+    # A flag given on the command line still wins.
+    config = _parse(
+        f"--model_dir={tmp_path}", "--mode=eval", "--eval_batch_size=64"
+    )
+    assert config.eval.eval_batch_size == 64
+    assert config.model.width_multiplier == 0.5
+
+
+def test_only_eval_mode_reads_config_json(tmp_path):
+    _write_run_config(tmp_path, width_multiplier=0.5)
+    config = _parse(f"--model_dir={tmp_path}", "--mode=train")
+    assert config.model.width_multiplier == 1.0
+    # And eval mode on a directory without config.json keeps the flags.
+    config = _parse(f"--model_dir={tmp_path / 'new'}", "--mode=eval")
+    assert config.model.width_multiplier == 1.0

@@ -440,6 +440,13 @@ def test_eval_mode_writes_a_result_per_checkpoint(tmp_path, pretrained):
     # Restored weights score what the trained model scored.
     assert written["eval/top_1"] == trained["eval/top_1"]
     assert written["eval/num_test"] == 64
+    # Given only model_dir and the mode, the run's config.json supplies the
+    # rest (architecture, data, train mode) and the score is the same.
+    given = {"model_dir": str(tmp_path), "mode": "eval"}
+    saved = config_lib.saved_run_config(given)
+    bare = config_lib.validate(config_lib.over_saved_run(saved, given))
+    assert bare.train.train_mode == "finetune"
+    assert cli.run(bare)["eval/top_1"] == trained["eval/top_1"]
 
 
 def test_eval_mode_on_a_directory_without_a_run_fails_at_once(tmp_path):
