@@ -42,6 +42,15 @@ _BATCH = flags.DEFINE_integer("batch", 256, "Global batch (images).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Profiled steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Steps run before profiling.")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 4096, "Matmul side n.")
+_INTER_OP = flags.DEFINE_integer(
+    "inter_op_threads",
+    1,
+    "TensorFlow inter-op threads while profiling. 1 runs one op at a time "
+    "(each on all cores), so op durations add up to the busy time and the "
+    "FLOP/s per category are the op's own; 0 keeps TensorFlow's default, "
+    "where independent ops (e.g. a layer's two gradients) overlap and share "
+    "the cores.",
+)
 _LOGDIR = flags.DEFINE_string(
     "logdir", None, "Where the raw profiles go; default a temporary folder."
 )
@@ -157,7 +166,8 @@ def conv_rates(
 
     Each of forward, input gradient and filter gradient does about the
     forward's multiply-adds (the first layer's input gradient is not
-    computed, so that rate is a slight overestimate).
+    computed, so that rate is a slight overestimate). With concurrent ops
+    (--inter_op_threads=0) the rates are those of ops sharing the cores.
     """
     rates = {
         category: forward_flops / op_seconds[category]
@@ -174,6 +184,10 @@ def run_worker(spec: dict[str, object]) -> dict[str, object]:
     """Profiles one configuration in this process."""
     import tensorflow as tf
 
+    if spec["inter_op_threads"]:
+        tf.config.threading.set_inter_op_parallelism_threads(
+            spec["inter_op_threads"]
+        )
     step = common.build_simclr_step({**spec, "jit_compile": False})
     for _ in range(1 + spec["warmup"]):
         step.run()
@@ -228,6 +242,7 @@ def main(argv: list[str]) -> None:
                 "steps": _STEPS.value,
                 "warmup": _WARMUP.value,
                 "matmul_size": _MATMUL_SIZE.value,
+                "inter_op_threads": _INTER_OP.value,
                 "logdir": os.path.join(logdir, f"{model}_{precision}"),
             }
             result = common.run_configuration(
@@ -237,7 +252,14 @@ def main(argv: list[str]) -> None:
             print(f"{model} {precision}: {json.dumps(result)[:300]}")
     flag_values = {
         name: flags.FLAGS[name].value
-        for name in ("models", "precisions", "batch", "steps", "warmup")
+        for name in (
+            "models",
+            "precisions",
+            "batch",
+            "steps",
+            "warmup",
+            "inter_op_threads",
+        )
     }
     report = {**common.metadata(flag_values), "rows": rows}
     common.write_report(report, _OUTPUT.value, "profile_step.json")
