@@ -1,6 +1,7 @@
-"""benchmarks/profile_step.py: the op categories, the busy-time union, a
-profile of a function whose ops are known, and one tiny CLI run whose
-derived figures are recomputed here. Timings are never asserted."""
+"""benchmarks/profile_step.py and op_profile.py: the op categories, the
+busy-time union, a profile of a function whose ops are known, and one tiny
+CLI run whose derived figures are recomputed here. Timings are never
+asserted."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ TIMEOUT_SECONDS = 300
 
 
 @pytest.fixture(scope="module")
-def profile_step():
+def op_profile():
+    """The analysis module (the script itself defines absl flags, which
+    other benchmark modules imported by tests in this process also do)."""
     sys.path.insert(0, BENCHMARKS)
-    return importlib.import_module("profile_step")
+    return importlib.import_module("op_profile")
 
 
 @pytest.mark.parametrize(
@@ -46,21 +49,21 @@ def profile_step():
         ("model/NOTLARS/mul", "Mul", "elementwise_and_other"),
     ],
 )
-def test_categorize(profile_step, name, op_type, expected):
-    assert profile_step.categorize(name, op_type) == expected
+def test_categorize(op_profile, name, op_type, expected):
+    assert op_profile.categorize(name, op_type) == expected
 
 
-def test_union_of_intervals_counts_overlaps_once(profile_step):
+def test_union_of_intervals_counts_overlaps_once(op_profile):
     # [0, 4) and [2, 6) overlap in [2, 4); [10, 11) is apart; [3, 5) inside.
     intervals = [(10, 11), (0, 4), (2, 6), (3, 5)]
     ps = 10**12
-    seconds = profile_step._union_seconds(
+    seconds = op_profile._union_seconds(
         [(a * ps, b * ps) for a, b in intervals]
     )
     assert seconds == pytest.approx(7.0)
 
 
-def test_breakdown_of_a_profile_with_known_ops(profile_step, tmp_path):
+def test_breakdown_of_a_profile_with_known_ops(op_profile, tmp_path):
     images = tf.random.uniform((8, 32, 32, 16), seed=1)
     kernel = tf.random.uniform((3, 3, 16, 32), seed=2)
     matrix = tf.random.uniform((256, 256), seed=3)
@@ -68,7 +71,7 @@ def test_breakdown_of_a_profile_with_known_ops(profile_step, tmp_path):
     @tf.function
     def work(images, kernel, matrix):
         conv = tf.nn.conv2d(images, kernel, 1, "SAME")
-        with tf.name_scope(profile_step.OPTIMIZER_SCOPE):
+        with tf.name_scope(op_profile.OPTIMIZER_SCOPE):
             update = matrix * 0.5
         return tf.reduce_sum(conv) + tf.reduce_sum(tf.matmul(update, matrix))
 
@@ -78,9 +81,9 @@ def test_breakdown_of_a_profile_with_known_ops(profile_step, tmp_path):
         work(images, kernel, matrix).numpy()
     tf.profiler.experimental.stop()
     (path,) = glob.glob(str(tmp_path / "plugins/profile/*/*.xplane.pb"))
-    breakdown = profile_step.op_breakdown(path)
+    breakdown = op_profile.op_breakdown(path)
     seconds = breakdown["op_seconds"]
-    assert set(seconds) == set(profile_step.CATEGORIES)
+    assert set(seconds) == set(op_profile.CATEGORIES)
     for category in ("conv_forward", "dense", "optimizer"):
         assert seconds[category] > 0, category
     for category in ("conv_input_gradient", "batch_norm_forward"):
@@ -92,7 +95,7 @@ def test_breakdown_of_a_profile_with_known_ops(profile_step, tmp_path):
     assert any("Conv2D" in name for name in types)
 
 
-def test_profile_cli_rows_and_derived_figures(tmp_path, profile_step):
+def test_profile_cli_rows_and_derived_figures(tmp_path, op_profile):
     output = tmp_path / "profile.json"
     command = [sys.executable, os.path.join(BENCHMARKS, "profile_step.py")]
     command += ["--models=demo", "--precisions=float32", "--batch=4"]
