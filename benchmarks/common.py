@@ -154,6 +154,38 @@ class SimclrStep(NamedTuple):
         return float(self.loop(self.iterator, tf.constant(1))["contrast_loss"])
 
 
+def build_train_loop(
+    config: object, strategy: object, size: int, channels: int
+) -> tuple[Callable[..., dict], object]:
+    """simclr_tf's train loop (one step per call) and its model, built as
+    train.build_state builds them, under `strategy`.
+
+    Returns:
+      (loop, model); the loop is not yet traced.
+    """
+    import tensorflow as tf
+
+    from simclr_tf import train, train_step
+
+    schedule = train.Schedule(
+        steps_per_epoch=100,
+        total_steps=10_000,
+        warmup_steps=10,
+        checkpoint_every=0,
+        steps_per_loop=1,
+    )
+    with strategy.scope():
+        model = train.build_model(config, NUM_CLASSES, channels)
+        model(tf.zeros((1, size, size, channels)))
+        optimizer = train.build_optimizer(config, schedule)
+        optimizer.build(model.trainable_variables)
+    replicas = strategy.num_replicas_in_sync
+    loop = train_step.make_train_loop(
+        strategy, train_step.make_train_step(config, model, optimizer, replicas)
+    )
+    return loop, model
+
+
 def build_simclr_step(spec: dict[str, object]) -> SimclrStep:
     """simclr_tf's own train loop (one step per call) for a benchmark spec.
 
@@ -169,7 +201,6 @@ def build_simclr_step(spec: dict[str, object]) -> SimclrStep:
     import tensorflow as tf
 
     from simclr_tf import config as config_lib
-    from simclr_tf import train, train_step
 
     model_spec = MODELS[spec["model"]]
     keras.mixed_precision.set_global_policy(spec["precision"])
@@ -186,20 +217,8 @@ def build_simclr_step(spec: dict[str, object]) -> SimclrStep:
         }
     )
     size, channels = model_spec["image_size"], model_spec["channels"]
-    model = train.build_model(config, NUM_CLASSES, channels)
-    model(tf.zeros((1, size, size, channels)))
-    schedule = train.Schedule(
-        steps_per_epoch=100,
-        total_steps=10_000,
-        warmup_steps=10,
-        checkpoint_every=0,
-        steps_per_loop=1,
-    )
-    optimizer = train.build_optimizer(config, schedule)
-    loop = train_step.make_train_loop(
-        tf.distribute.get_strategy(),
-        train_step.make_train_step(config, model, optimizer, 1),
-    )
+    strategy = tf.distribute.get_strategy()
+    loop, model = build_train_loop(config, strategy, size, channels)
     shape = (spec["batch"], size, size, channels)
     batch = {
         "view1": tf.random.uniform(shape, seed=1),

@@ -131,32 +131,6 @@ def _fixed_batches(batch: int, size: int, channels: int) -> object:
     return input_fn
 
 
-def _build_train_loop(
-    config: object, strategy: object, size: int, channels: int
-) -> object:
-    """Model, optimizer and train loop as train.build_state builds them."""
-    import tensorflow as tf
-
-    from simclr_tf import train, train_step
-
-    schedule = train.Schedule(
-        steps_per_epoch=100,
-        total_steps=10_000,
-        warmup_steps=10,
-        checkpoint_every=0,
-        steps_per_loop=1,
-    )
-    with strategy.scope():
-        model = train.build_model(config, 10, channels)
-        model(tf.zeros((1, size, size, channels)))
-        optimizer = train.build_optimizer(config, schedule)
-        optimizer.build(model.trainable_variables)
-    replicas = strategy.num_replicas_in_sync
-    return train_step.make_train_loop(
-        strategy, train_step.make_train_step(config, model, optimizer, replicas)
-    )
-
-
 def run_worker(spec: dict[str, object]) -> dict[str, float]:
     """Times the train step of one configuration in this process.
 
@@ -178,7 +152,7 @@ def run_worker(spec: dict[str, object]) -> dict[str, float]:
     model_spec = MODELS[spec["model"]]
     size, channels = model_spec["image_size"], model_spec["channels"]
     replicas = strategy.num_replicas_in_sync
-    loop = _build_train_loop(config, strategy, size, channels)
+    loop, _ = common.build_train_loop(config, strategy, size, channels)
     iterator = iter(
         strategy.distribute_datasets_from_function(
             _fixed_batches(spec["batch"], size, channels)
