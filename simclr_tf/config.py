@@ -72,6 +72,7 @@ class Data:
     image_size: int = 224
     color_jitter_strength: float = 1.0
     use_blur: bool = True
+    crop_min_area: float = 0.08
     brightness_impl: str = "v2"
     cache_dataset: bool = False
     label_fraction: float = 1.0
@@ -516,6 +517,12 @@ def _check_numbers(config: Config) -> list[str]:
             f"--color_jitter_strength={data.color_jitter_strength} must be "
             f"in [0, 1.25] (above it contrast and saturation factors go "
             f"negative); use 1.0 (ImageNet) or 0.5 (CIFAR)."
+        )
+    if not 0.0 < data.crop_min_area <= 1.0:
+        problems.append(
+            f"--crop_min_area={data.crop_min_area} must be in (0, 1] (a "
+            f"fraction of the image); use 0.08 (the paper) or 0.2-0.3 for "
+            f"28-32 px images."
         )
     if optim.learning_rate <= 0 or not math.isfinite(optim.learning_rate):
         problems.append(

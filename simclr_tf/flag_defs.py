@@ -123,6 +123,11 @@ def define_extension_flags() -> None:
     """simclr_tf's own flags (README.md lists them)."""
     d = flags
     d.DEFINE_enum("strategy", "auto", list(STRATEGIES), "Distribution.")
+    d.DEFINE_float(
+        "crop_min_area",
+        0.08,
+        "Least random-crop area as a fraction of the image (paper 0.08).",
+    )
     d.DEFINE_integer(
         "num_virtual_cpus",
         0,

@@ -239,6 +239,7 @@ def make_views(
     blur: bool,
     brightness_impl: str,
     seed: int,
+    crop_min_area: float = 0.08,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The first num_images of a source and their training views.
 
@@ -255,6 +256,7 @@ def make_views(
       blur: apply the random Gaussian blur.
       brightness_impl: "v1" or "v2".
       seed: any int; the same seed gives the same views.
+      crop_min_area: least crop area as a fraction of the image.
 
     Returns:
       images: uint8 [N, S, S, C], each source image through
@@ -284,6 +286,7 @@ def make_views(
                         view_seed(seed, index, view, views_per_image), tf.int32
                     ),
                     brightness_impl=brightness_impl,
+                    crop_min_area=crop_min_area,
                 ).numpy()
                 for view in range(views_per_image)
             ]
@@ -330,7 +333,7 @@ def preview_grid(
     """The captioned grid of `source`'s first images and their views.
 
     Uses config.data (image_size, color_jitter_strength, use_blur,
-    brightness_impl) and config.train.seed (None previews with seed 0); the
+    brightness_impl, crop_min_area) and config.train.seed (None previews with seed 0); the
     caption lists these as flags.
 
     Returns:
@@ -347,6 +350,7 @@ def preview_grid(
         blur=data.use_blur,
         brightness_impl=data.brightness_impl,
         seed=seed,
+        crop_min_area=data.crop_min_area,
     )
     settings = {
         "dataset": data.dataset,
@@ -355,6 +359,7 @@ def preview_grid(
         "color_jitter_strength": data.color_jitter_strength,
         "use_blur": data.use_blur,
         "brightness_impl": data.brightness_impl,
+        "crop_min_area": data.crop_min_area,
         "seed": seed,
     }
     caption = [

@@ -44,6 +44,7 @@ def pretrain_input_fn(
         seed=config.train.seed,
         cache=data.cache_dataset,
         augment_on_device=data.augment_on_device,
+        crop_min_area=data.crop_min_area,
     )
 
 
@@ -57,6 +58,7 @@ def finetune_input_fn(
         image_size=config.data.image_size,
         seed=config.train.seed,
         cache=config.data.cache_dataset,
+        crop_min_area=config.data.crop_min_area,
     )
 
 

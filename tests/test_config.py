@@ -41,6 +41,7 @@ def test_config_defaults_follow_google_research_simclr():
     assert config.data.image_size == 224
     assert config.data.color_jitter_strength == 1.0
     assert config.data.use_blur is True
+    assert config.data.crop_min_area == 0.08  # paper App. A: 8% to 100%
     assert config.model.global_bn is True
     # GR defaults to "validation"; auto picks it where the dataset has one
     # (imagenet2012) and "test" where it does not (cifar10).
@@ -105,6 +106,15 @@ def test_validate_reports_every_problem_with_flag_and_fix():
     assert "--temperature=0.0" in message
     assert "--color_jitter_strength=2.0" in message
     assert "--train_batch_size=0" in message
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, 1.5])
+def test_validate_rejects_crop_min_area_outside_the_image(value):
+    config = _parse("--model_dir=/tmp/x", f"--crop_min_area={value}")
+    with pytest.raises(ValueError, match=f"--crop_min_area={value} must be"):
+        config_lib.validate(config)
+    milder = _parse("--model_dir=/tmp/x", "--crop_min_area=0.25")
+    assert config_lib.validate(milder).data.crop_min_area == 0.25
 
 
 def test_validate_rejects_missing_model_dir():

@@ -197,3 +197,45 @@ def test_random_crop_with_resize_batch_matches_per_image_and_flip():
             single = tf.reverse(single, axis=[1])
         # Same weights; batched matmuls may sum in another order (~1 ulp).
         np.testing.assert_allclose(batched[index], single, atol=2e-6)
+
+
+def test_sample_crop_boxes_min_area_matches_kernel_simulation():
+    # A milder crop (--crop_min_area=0.25) at Fashion-MNIST's 28 x 28: every
+    # box keeps at least a quarter of the image and the mean area is the
+    # kernel's for that range.
+    area_range = (0.25, 1.0)
+    seeds = _seeds(NUM_CROP_DRAWS, salt=5)
+    boxes = crop.sample_crop_boxes(28, 28, seeds, area_range=area_range)
+    ours = (boxes[2] * boxes[3]).numpy() / (28 * 28)
+    rng = np.random.default_rng(1)
+    draws = [_kernel_crop_numpy(28, 28, rng, area_range) for _ in range(8000)]
+    reference = np.array([h * w for h, w in draws]) / (28 * 28)
+    assert ours.min() >= 0.25
+    assert reference.min() >= 0.25
+    # Standard error of the difference ~0.006 (std ~0.2).
+    assert abs(ours.mean() - reference.mean()) < 0.03
+    paper = crop.sample_crop_boxes(28, 28, seeds)
+    paper_area = (paper[2] * paper[3]).numpy() / (28 * 28)
+    assert paper_area.min() < 0.2  # the paper's 0.08 range reaches lower
+    assert ours.mean() > paper_area.mean() + 0.05
+
+
+def test_random_crop_min_area_one_keeps_the_whole_image():
+    # Area range [1, 1]: the only crop is the image itself, which the
+    # bicubic resize to the same size leaves unchanged (taps at 0 and 1
+    # weigh 1 and 0); flipped views are its mirror.
+    images = tf.stack([_image(28, 28, 1, "uint8", seed=i) for i in range(4)])
+    expected = tf.cast(images, tf.float32) / 255.0
+    seeds = _seeds(4)
+    flip = tf.constant([True, False, False, True])
+    batched = crop.random_crop_with_resize_batch(
+        images, 28, seeds, flip=flip, min_area=1.0
+    )
+    for index in range(4):
+        single = crop.random_crop_with_resize(
+            images[index], 28, seeds[index], min_area=1.0
+        )
+        np.testing.assert_allclose(single, expected[index], atol=1e-6)
+        mirrored = tf.reverse(expected[index], axis=[1])
+        want = mirrored if flip[index] else expected[index]
+        np.testing.assert_allclose(batched[index], want, atol=1e-6)

@@ -14,6 +14,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from simclr_tf import config as config_lib
+from simclr_tf import run_data
 from simclr_tf.data import pipeline, sources
 
 SIZE = 16
@@ -306,3 +308,77 @@ def test_pretrain_input_fn_on_device_views_complete_to_host_views(batched):
             assert np.abs(device[key] - host[key]).max() > 0.05
             # ...distorted with their seeds they are, up to summation order.
             np.testing.assert_allclose(view, host[key], atol=PARITY_ATOL)
+
+
+def _indexed_source(num_examples: int = 6) -> tuple[sources.Source, np.ndarray]:
+    """Random 1-channel images labelled by their index."""
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (num_examples, SIZE, SIZE, 1), np.uint8)
+    labels = np.arange(num_examples)
+    source = sources.from_arrays("indexed", "train", images, labels, 6)
+    return source, images.astype(np.float32) / 255.0
+
+
+def _assert_whole_image_or_mirror(views, labels, images) -> None:
+    for view, label in zip(views, labels, strict=True):
+        image = images[label]
+        error = min(
+            np.abs(view - image).max(), np.abs(view - image[:, ::-1]).max()
+        )
+        assert error < 1e-5
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_crop_min_area_reaches_both_pipelines_through_the_config(batched):
+    # --crop_min_area=1 leaves no crop but the image itself: every crop +
+    # flip view (pretraining before distortion, fine-tuning) is the image
+    # or its mirror. The paper's 0.08 gives other views.
+    source, images = _indexed_source()
+    for min_area, whole in ((1.0, True), (0.08, False)):
+        config = config_lib.from_dict(
+            {
+                "image_size": SIZE,
+                "train_batch_size": 6,
+                "seed": 0,
+                "crop_min_area": min_area,
+            }
+        )
+        if batched:
+            pretrain = run_data.pretrain_input_fn(
+                config_lib.replace(config, augment_on_device=True), source
+            )
+            finetune = run_data.finetune_input_fn(config, source)
+        else:
+            options = {
+                "global_batch_size": 6,
+                "image_size": SIZE,
+                "seed": 0,
+                "batched_augment": False,
+                "crop_min_area": min_area,
+            }
+            pretrain = pipeline.pretrain_input_fn(
+                source,
+                color_jitter_strength=0.5,
+                blur=False,
+                augment_on_device=True,
+                **options,
+            )
+            finetune = pipeline.finetune_input_fn(source, **options)
+        context = tf.distribute.InputContext()
+        batch = next(iter(pretrain(context)))
+        tuned = next(iter(finetune(context)))
+        views = [
+            (batch["view1"], batch["label"]),
+            (batch["view2"], batch["label"]),
+            (tuned["image"], tuned["label"]),
+        ]
+        for view, label in views:
+            if whole:
+                _assert_whole_image_or_mirror(
+                    view.numpy(), label.numpy(), images
+                )
+            else:
+                with pytest.raises(AssertionError):
+                    _assert_whole_image_or_mirror(
+                        view.numpy(), label.numpy(), images
+                    )

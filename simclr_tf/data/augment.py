@@ -306,7 +306,13 @@ def random_blur(image: tf.Tensor, seed: tf.Tensor, p: float = 0.5) -> tf.Tensor:
     )
 
 
-def crop_and_flip(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
+def crop_and_flip(
+    image: tf.Tensor,
+    size: int,
+    seed: tf.Tensor,
+    *,
+    crop_min_area: float = crop.MIN_AREA,
+) -> tf.Tensor:
     """The first stage of `simclr_augment`: crop + resize, then flip.
 
     Uses the same two of the view seed's four sub-seeds as simclr_augment,
@@ -317,12 +323,15 @@ def crop_and_flip(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
       image: [H, W, C] uint8 0..255 or float 0..1; H and W may be dynamic.
       size: output side in pixels.
       seed: int32 [2] stateless seed of the whole view.
+      crop_min_area: least crop area as a fraction of the image.
 
     Returns:
       [size, size, C] float32, approximately in [0, 1] (bicubic ringing).
     """
     crop_seed, flip_seed, _, _ = random_ops.split(seed, 4)
-    image = crop.random_crop_with_resize(image, size, crop_seed)
+    image = crop.random_crop_with_resize(
+        image, size, crop_seed, min_area=crop_min_area
+    )
     return random_flip(image, flip_seed)
 
 
@@ -335,6 +344,7 @@ def simclr_augment(
     seed: tf.Tensor | None = None,
     brightness_impl: BrightnessImpl = "v2",
     color_distort: bool = True,
+    crop_min_area: float = crop.MIN_AREA,
 ) -> tf.Tensor:
     """One SimCLR view (paper App. A; GR preprocess_for_train).
 
@@ -352,6 +362,8 @@ def simclr_augment(
       seed: int32 [2] stateless seed; None draws one at random.
       brightness_impl: "v2" multiplicative (GR default) or "v1" additive.
       color_distort: apply colour jitter and grayscale.
+      crop_min_area: least crop area as a fraction of the image (paper
+        0.08).
 
     Returns:
       [size, size, C] float32 in [0, 1].
@@ -363,7 +375,7 @@ def simclr_augment(
         check_strength(color_jitter_strength)
     seed = random_ops.as_seed(seed)  # None: one random seed for all stages
     _, _, color_seed, blur_seed = random_ops.split(seed, 4)
-    image = crop_and_flip(image, size, seed)
+    image = crop_and_flip(image, size, seed, crop_min_area=crop_min_area)
     if color_distort:
         jitter_seed, apply_seed, gray_seed = random_ops.split(color_seed, 3)
         jitter = functools.partial(

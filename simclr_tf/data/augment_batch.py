@@ -155,7 +155,11 @@ def _check_seeds(images: tf.Tensor, seeds: tf.Tensor) -> None:
 
 
 def crop_and_flip_batch(
-    images: tf.Tensor, size: int, seeds: tf.Tensor
+    images: tf.Tensor,
+    size: int,
+    seeds: tf.Tensor,
+    *,
+    crop_min_area: float = crop.MIN_AREA,
 ) -> tf.Tensor:
     """`augment.crop_and_flip` per image: the first stage of a view.
 
@@ -164,6 +168,7 @@ def crop_and_flip_batch(
         batch (may be dynamic outside XLA).
       size: output side in pixels.
       seeds: int32 [B, 2] stateless seeds, one per view.
+      crop_min_area: least crop area as a fraction of the image.
 
     Returns:
       [B, size, size, C] float32, approximately in [0, 1].
@@ -174,7 +179,7 @@ def crop_and_flip_batch(
     crop_seed, flip_seed, _, _ = random_ops.split_batch(seeds, 4)
     flip = random_ops.uniform_batch(flip_seed) < 0.5
     return crop.random_crop_with_resize_batch(
-        images, size, crop_seed, flip=flip
+        images, size, crop_seed, flip=flip, min_area=crop_min_area
     )
 
 
@@ -239,6 +244,7 @@ def simclr_augment_batch(
     seeds: tf.Tensor,
     brightness_impl: augment.BrightnessImpl = "v2",
     color_distort: bool = True,
+    crop_min_area: float = crop.MIN_AREA,
 ) -> tf.Tensor:
     """`augment.simclr_augment` for a batch, one seed per image.
 
@@ -257,6 +263,7 @@ def simclr_augment_batch(
       seeds: int32 [B, 2] stateless seeds, one per image.
       brightness_impl: "v2" multiplicative (GR default) or "v1" additive.
       color_distort: apply colour jitter and grayscale.
+      crop_min_area: least crop area as a fraction of the image.
 
     Returns:
       [B, size, size, C] float32 in [0, 1].
@@ -267,7 +274,9 @@ def simclr_augment_batch(
     """
     if color_distort:
         augment.check_strength(color_jitter_strength)
-    views = crop_and_flip_batch(images, size, seeds)
+    views = crop_and_flip_batch(
+        images, size, seeds, crop_min_area=crop_min_area
+    )
     return distort_batch(
         views,
         seeds,

@@ -14,6 +14,8 @@ from simclr_tf.data import random_ops
 Box = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
 _CUBIC_TABLE_SIZE = 1024  # TF's bicubic kernel quantises positions to 1/1024.
 _KEYS_CUBIC_A = -0.5  # Keys cubic, as TF's half-pixel ResizeBicubic.
+# The paper's least crop area (fraction of the image, App. A).
+MIN_AREA = 0.08
 # Batched crops draw this many attempts first (see sample_crop_boxes).
 _QUICK_ATTEMPTS = 8
 
@@ -23,7 +25,7 @@ def sample_crop_box(
     width: tf.Tensor,
     seed: tf.Tensor,
     *,
-    area_range: tuple[float, float] = (0.08, 1.0),
+    area_range: tuple[float, float] = (MIN_AREA, 1.0),
     aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
     min_object_covered: float = 0.1,
     max_attempts: int = 100,
@@ -78,7 +80,7 @@ def sample_crop_boxes(
     width: tf.Tensor,
     seeds: tf.Tensor,
     *,
-    area_range: tuple[float, float] = (0.08, 1.0),
+    area_range: tuple[float, float] = (MIN_AREA, 1.0),
     aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
     min_object_covered: float = 0.1,
     max_attempts: int = 100,
@@ -334,7 +336,11 @@ def crop_and_resize_batch(
 
 
 def random_crop_with_resize(
-    image: tf.Tensor, size: int, seed: tf.Tensor
+    image: tf.Tensor,
+    size: int,
+    seed: tf.Tensor,
+    *,
+    min_area: float = MIN_AREA,
 ) -> tf.Tensor:
     """Inception-style random crop (sample_crop_box) resized to [size, size].
 
@@ -342,13 +348,15 @@ def random_crop_with_resize(
       image: [H, W, C] uint8 0..255 or float 0..1, C in {1, 3}.
       size: output side in pixels.
       seed: int32 [2] stateless seed.
+      min_area: least crop area as a fraction of the image (area range
+        [min_area, 1]).
 
     Returns:
       [size, size, C] float32, approximately in [0, 1] (bicubic ringing).
     """
     image = random_ops.as_float(image)
     shape = tf.shape(image)
-    box = sample_crop_box(shape[0], shape[1], seed)
+    box = sample_crop_box(shape[0], shape[1], seed, area_range=(min_area, 1.0))
     return crop_and_resize(image, box, size)
 
 
@@ -358,6 +366,7 @@ def random_crop_with_resize_batch(
     seeds: tf.Tensor,
     *,
     flip: tf.Tensor | None = None,
+    min_area: float = MIN_AREA,
 ) -> tf.Tensor:
     """`random_crop_with_resize` per image, then an optional flip.
 
@@ -366,6 +375,7 @@ def random_crop_with_resize_batch(
       size: output side in pixels.
       seeds: int32 [B, 2] stateless seeds, one per image.
       flip: bool [B], mirror image i left-right where true; None: never.
+      min_area: least crop area as a fraction of the image.
 
     Returns:
       [B, size, size, C] float32; image i equals
@@ -374,5 +384,7 @@ def random_crop_with_resize_batch(
     """
     images = random_ops.as_float(images)
     shape = tf.shape(images)
-    boxes = sample_crop_boxes(shape[1], shape[2], seeds)
+    boxes = sample_crop_boxes(
+        shape[1], shape[2], seeds, area_range=(min_area, 1.0)
+    )
     return crop_and_resize_batch(images, boxes, size, flip=flip)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from simclr_tf.data import augment, augment_batch, random_ops, sources
+from simclr_tf.data import augment, augment_batch, crop, random_ops, sources
 
 InputFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 AUTOTUNE = tf.data.AUTOTUNE
@@ -216,6 +216,7 @@ def pretrain_input_fn(
     cache: bool = False,
     batched_augment: bool = True,
     augment_on_device: bool = False,
+    crop_min_area: float = crop.MIN_AREA,
 ) -> InputFn:
     """Two independently augmented views per image (paper Sec. 2.1).
 
@@ -242,6 +243,8 @@ def pretrain_input_fn(
       cache: cache the decoded uint8 images in memory after the first pass.
       batched_augment: crop whole batches (fast) rather than images.
       augment_on_device: stop after crop + flip and add "view_seeds".
+      crop_min_area: least crop area as a fraction of the image (paper
+        0.08; milder, e.g. 0.2-0.3, suits 28-32 px images).
 
     Returns:
       input_fn(input_context) -> infinite dataset of dicts: "view1", "view2"
@@ -259,7 +262,10 @@ def pretrain_input_fn(
     def crop_image(image: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor):
         seeds = random_ops.stateless_split(seed_, 2)  # [2, 2]: view seeds
         view1, view2 = (
-            augment.crop_and_flip(image, image_size, seeds[i]) for i in (0, 1)
+            augment.crop_and_flip(
+                image, image_size, seeds[i], crop_min_area=crop_min_area
+            )
+            for i in (0, 1)
         )
         return {
             "view1": view1,
@@ -276,6 +282,7 @@ def pretrain_input_fn(
             tf.concat([images, images], axis=0),
             image_size,
             tf.concat([seeds[:, 0], seeds[:, 1]], axis=0),
+            crop_min_area=crop_min_area,
         )
         view1, view2 = tf.split(views, 2, axis=0)
         return {
@@ -312,6 +319,7 @@ def finetune_input_fn(
     seed: int | None = None,
     cache: bool = False,
     batched_augment: bool = True,
+    crop_min_area: float = crop.MIN_AREA,
 ) -> InputFn:
     """One crop + flip view per image, for fine-tuning and linear eval.
 
@@ -327,6 +335,7 @@ def finetune_input_fn(
       seed: with an int the pipeline is deterministic; None is not.
       cache: cache the decoded uint8 images in memory.
       batched_augment: augment whole batches (fast) rather than images.
+      crop_min_area: least crop area as a fraction of the image.
 
     Returns:
       input_fn(input_context) -> infinite dataset of dicts: "image"
@@ -334,11 +343,15 @@ def finetune_input_fn(
     """
 
     def one_view(image: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor):
-        view = augment.crop_and_flip(image, image_size, seed_)
+        view = augment.crop_and_flip(
+            image, image_size, seed_, crop_min_area=crop_min_area
+        )
         return {"image": view, "label": label}
 
     def one_view_batch(images: tf.Tensor, labels: tf.Tensor, seeds: tf.Tensor):
-        views = augment_batch.crop_and_flip_batch(images, image_size, seeds)
+        views = augment_batch.crop_and_flip_batch(
+            images, image_size, seeds, crop_min_area=crop_min_area
+        )
         return {"image": views, "label": labels}
 
     def clip(batch: dict) -> dict:
