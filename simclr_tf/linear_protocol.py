@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
@@ -79,6 +79,7 @@ def run_linear_eval(
                 test_labels,
                 classifier.predict_logits(test_features),
                 test_features,
+                class_names=test_source.class_names,
             )
         for name, value in metrics.items():
             result[f"eval/{prefix}{name}"] = value
@@ -118,6 +119,7 @@ def write_run_reports(
     labels: np.ndarray,
     logits: np.ndarray,
     features: np.ndarray,
+    class_names: Sequence[str] = (),
 ) -> dict[str, str]:
     """The eval reports of a run into model_dir/reports and TensorBoard.
 
@@ -132,6 +134,8 @@ def write_run_reports(
       test_data: the eval batches the features came from, same order.
       labels: [n] eval labels; logits: [n, C] the classifier's scores;
       features: [n, F] encoder features.
+      class_names: the eval split's class names (Source.class_names),
+        shown in the reports beside the indices; () shows indices only.
 
     Returns:
       {report name: path}; {} when not written.
@@ -161,6 +165,7 @@ def write_run_reports(
         writer=writer,
         step=step,
         seed=config.train.seed or 0,
+        class_names=class_names or None,
     )
     writer.flush()
     logging.info("wrote reports to %s", os.path.dirname(paths["per_class_txt"]))

@@ -333,8 +333,8 @@ def preview_grid(
     """The captioned grid of `source`'s first images and their views.
 
     Uses config.data (image_size, color_jitter_strength, use_blur,
-    brightness_impl, crop_min_area) and config.train.seed (None previews with seed 0); the
-    caption lists these as flags.
+    brightness_impl, crop_min_area) and config.train.seed (None previews
+    with seed 0); the caption lists these as flags.
 
     Returns:
       uint8 [h, w, 3], see augmentation_grid and caption_image.

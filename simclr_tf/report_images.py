@@ -40,9 +40,15 @@ EMBEDDING_TITLE = "t-SNE of encoder features"
 
 
 def class_label(index: int, class_names: Sequence[str] | None) -> str:
-    """A class as "<index> <name>", or "<index>" when it has no name."""
+    """A class as "<index> <name>", or "<index>" when it has no name.
+
+    A name that is just the index ("3", as tfds names unnamed classes) is
+    not repeated.
+    """
     if class_names is not None and index < len(class_names):
-        return f"{index} {class_names[index]}"
+        name = str(class_names[index])
+        if name != str(index):
+            return f"{index} {name}"
     return str(index)
 
 

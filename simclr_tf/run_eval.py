@@ -58,6 +58,7 @@ def evaluate_state(
         scores["labels"],
         scores["logits"],
         scores["features"],
+        class_names=test_source.class_names,
     )
     result: dict[str, object] = {"eval/split": test_source.split}
     for name in ("top_1", "top_5", "num_test"):

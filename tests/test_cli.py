@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from simclr_tf import cli
 from simclr_tf import config as config_lib
+from simclr_tf.data import sources
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,6 +120,11 @@ def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
     with open(tmp_path / "reports" / "per_class.json") as file:
         report = json.load(file)
     assert sum(row["support"] for row in report["per_class"]) == 64
+    # The source's class names reach the text report, beside the indices.
+    text = (tmp_path / "reports" / "per_class.txt").read_text()
+    for row in report["per_class"]:
+        name = sources.SYNTHETIC_CLASSES[row["class"]]
+        assert f"{row['class']} {name}" in text
     assert report["accuracy"] == written["eval/top_1"]
     assert os.path.isfile(
         tmp_path / "reports" / "projector" / "projector_config.pbtxt"

@@ -415,3 +415,11 @@ def test_write_reports_without_features_writes_metrics_only(tmp_path):
         "per_class.json",
         "per_class.txt",
     ]
+
+
+def test_class_label_shows_a_name_only_when_it_adds_one():
+    # tfds names classes without names "0", "1", ...: not repeated.
+    assert report_images.class_label(3, ("a", "b", "c", "dog")) == "3 dog"
+    assert report_images.class_label(3, ("0", "1", "2", "3")) == "3"
+    assert report_images.class_label(3, None) == "3"
+    assert report_images.class_label(5, ("a",)) == "5"

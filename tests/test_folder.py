@@ -279,6 +279,7 @@ def test_open_folder_labels_follow_sorted_class_names(labelled):
     source = folder.open_folder(root, "train")
     assert listing.class_names == ("ant", "bee")
     assert source.num_classes == 2
+    assert source.class_names == ("ant", "bee")  # shown in eval reports
     expected = [
         listing.class_names.index(os.path.relpath(p, root).split(os.sep)[0])
         for p in listing.paths

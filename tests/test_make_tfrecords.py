@@ -191,6 +191,8 @@ def test_open_tfrecord_equals_folder_source(written):
         images = folder.open_folder(input_dir, split)
         assert records.num_examples == images.num_examples
         assert records.num_classes == images.num_classes == len(CLASSES)
+        # The class-folder names travel through dataset_info.json.
+        assert records.class_names == images.class_names == CLASSES
         assert _multiset(records.dataset()) == _multiset(images.dataset())
         assert records.skip_counts() == images.skip_counts()
 

@@ -124,6 +124,9 @@ def test_fashion_mnist_reads_idx_from_data_dir(tmp_path):
     )
     assert source.num_examples == 5 and source.image_shape == (4, 6, 1)
     assert source.origin == str(tmp_path)
+    # The IDX files hold no names; ours must be tfds's for the same data.
+    tfds_names = tfds.builder("fashion_mnist").info.features["label"].names
+    assert source.class_names == tuple(tfds_names)
     got_images, got_labels = as_arrays(source)
     np.testing.assert_array_equal(got_images, images[..., None])
     np.testing.assert_array_equal(got_labels, labels.astype(np.int64))
@@ -151,6 +154,7 @@ def test_fashion_mnist_falls_back_to_tfds_without_idx_files(
         assert source.num_examples == 6
         assert source.image_shape == (28, 28, 1)
         assert len(list(source.dataset())) == 6
+        assert source.class_names[0] == "T-shirt/top"  # from the tfds info
 
 
 def test_synthetic_is_deterministic_and_splits_differ():

@@ -96,6 +96,7 @@ def test_open_source_mock_facts_come_from_builder_info(name):
         source = sources.open_source(name, "train", seed=0)
         first = next(source.dataset().as_numpy_iterator())
     assert source.num_classes == features["label"].num_classes
+    assert source.class_names == tuple(features["label"].names)
     assert source.image_shape == features["image"].shape
     # Mock info has no splits, so the size is counted: num_examples.
     assert source.num_examples == 5

@@ -384,6 +384,7 @@ def open_folder(
         num_classes=listing.num_classes,
         image_shape=(None, None, 3),
         origin=listing.root,
+        class_names=listing.class_names,
         skipped=listing.skipped,
         _loader=_folder_loader(listing, seed),
     )

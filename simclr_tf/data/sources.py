@@ -25,6 +25,19 @@ _FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+# Label k's name (the dataset's documentation; tfds names them the same).
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 # IDX type byte -> big-endian numpy dtype (yann.lecun.com/exdb/mnist).
 _IDX_DTYPES = {
     0x08: ">u1",
@@ -60,6 +73,8 @@ class Source:
         datasets whose images vary in size (e.g. imagenet2012).
       origin: where the data is read from: a directory, "tfds:<data_dir>"
         or "synthetic(seed=...)".
+      class_names: the name of each label value (label k is
+        class_names[k]) where the dataset has them; empty otherwise.
       skipped: files left out because they could not be read, by reason
         (e.g. "empty", "undecodable", "unsupported_extension") -> their
         paths; empty for sources without files.
@@ -73,6 +88,7 @@ class Source:
     num_classes: int
     image_shape: tuple[int | None, int | None, int]
     origin: str = ""
+    class_names: tuple[str, ...] = dataclasses.field(default=(), compare=False)
     skipped: Mapping[str, tuple[str, ...]] = dataclasses.field(
         default_factory=dict, compare=False
     )
@@ -184,6 +200,7 @@ def from_arrays(
     labels: np.ndarray,
     num_classes: int,
     origin: str = "memory",
+    class_names: Sequence[str] = (),
 ) -> Source:
     """A Source over in-memory arrays; host i of n takes examples i::n.
 
@@ -194,6 +211,7 @@ def from_arrays(
       labels: [N] integer labels in [0, num_classes).
       num_classes: number of classes.
       origin: where the arrays came from, for logs.
+      class_names: optional name per label value.
 
     Returns:
       The Source.
@@ -217,6 +235,7 @@ def from_arrays(
         num_classes=num_classes,
         image_shape=tuple(int(d) for d in images.shape[1:]),
         origin=origin,
+        class_names=tuple(class_names),
         _loader=_array_loader(images, labels.astype(np.int64)),
     )
 
@@ -248,7 +267,13 @@ def _fashion_mnist_from_idx(directory: str | None, split: str) -> Source | None:
         raise ValueError(f"{label_path} has labels outside 0..9.")
     logging.info("fashion_mnist %s: read %s", split, image_path)
     return from_arrays(
-        "fashion_mnist", split, images[..., None], labels, 10, directory
+        "fashion_mnist",
+        split,
+        images[..., None],
+        labels,
+        10,
+        directory,
+        FASHION_MNIST_CLASSES,
     )
 
 
@@ -272,6 +297,21 @@ def _open_fashion_mnist(
         FASHION_MNIST_SYSTEM_DIR,
     )
     return _open_tfds("fashion_mnist", split, data_dir, seed)
+
+
+# The synthetic dataset's class k is the k-th shape _draw_pattern draws.
+SYNTHETIC_CLASSES = (
+    "horizontal stripes",
+    "vertical stripes",
+    "diagonal stripes",
+    "antidiagonal stripes",
+    "checkerboard",
+    "disk",
+    "ring",
+    "plus",
+    "X",
+    "square frame",
+)
 
 
 def _draw_pattern(
@@ -382,7 +422,13 @@ def synthetic(
         num_examples, image_size, channels, num_classes, seed
     )
     return from_arrays(
-        name, split, images, labels, num_classes, f"synthetic(seed={seed})"
+        name,
+        split,
+        images,
+        labels,
+        num_classes,
+        f"synthetic(seed={seed})",
+        SYNTHETIC_CLASSES[:num_classes],
     )
 
 
@@ -444,7 +490,7 @@ def _open_tfds(
     """A Source over a tfds builder: facts from its info, prepared first."""
     other_names = ["fashion_mnist", *_SYNTHETIC]
     builder = tfds_source.builder(name, data_dir, other_names)
-    image_shape, num_classes = tfds_source.features(name, builder.info)
+    image_shape, class_names = tfds_source.features(name, builder.info)
     tfds_source.prepare(builder)
     split = _resolve_split(name, split, tfds_source.split_names(builder))
     load = tfds_source.loader(builder, split, seed)
@@ -456,9 +502,10 @@ def _open_tfds(
         name=name,
         split=split,
         num_examples=num_examples,
-        num_classes=num_classes,
+        num_classes=len(class_names),
         image_shape=image_shape,
         origin=f"tfds:{builder.data_dir}",
+        class_names=class_names,
         _loader=load,
     )
 

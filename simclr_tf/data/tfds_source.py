@@ -55,8 +55,11 @@ def builder(
 
 def features(
     name: str, info: tfds.core.DatasetInfo
-) -> tuple[tuple[int | None, ...], int]:
-    """(image shape, number of classes) from the builder's features.
+) -> tuple[tuple[int | None, ...], tuple[str, ...]]:
+    """(image shape, class names) from the builder's features.
+
+    A ClassLabel defined by its number of classes alone names them "0",
+    "1", ...; those names are kept (they are what tfds shows).
 
     Raises:
       ValueError: no tfds Image feature "image" or ClassLabel "label".
@@ -72,7 +75,7 @@ def features(
             f"an 'image' Image and an integer 'label' ClassLabel feature "
             f"(image classification); pick such a dataset."
         )
-    return tuple(image.shape), int(label.num_classes)
+    return tuple(image.shape), tuple(str(name_) for name_ in label.names)
 
 
 def prepare(builder_: tfds.core.DatasetBuilder) -> None:

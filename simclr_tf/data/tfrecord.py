@@ -257,6 +257,7 @@ def open_tfrecord(
         num_classes=int(entry["num_classes"]),
         image_shape=(None, None, 3),
         origin=data_dir,
+        class_names=tuple(str(n) for n in entry.get("class_names", ())),
         skipped=skipped,
         skipped_counts=skipped_counts,
         _loader=_tfrecord_loader(paths, seed),
