@@ -521,8 +521,7 @@ def _check_numbers(config: Config) -> list[str]:
     if not 0.0 < data.crop_min_area <= 1.0:
         problems.append(
             f"--crop_min_area={data.crop_min_area} must be in (0, 1] (a "
-            f"fraction of the image); use 0.08 (the paper) or 0.2-0.3 for "
-            f"28-32 px images."
+            f"fraction of the image); use 0.08, the paper's value."
         )
     if optim.learning_rate <= 0 or not math.isfinite(optim.learning_rate):
         problems.append(

@@ -244,7 +244,7 @@ def pretrain_input_fn(
       batched_augment: crop whole batches (fast) rather than images.
       augment_on_device: stop after crop + flip and add "view_seeds".
       crop_min_area: least crop area as a fraction of the image (paper
-        0.08; milder, e.g. 0.2-0.3, suits 28-32 px images).
+        0.08).
 
     Returns:
       input_fn(input_context) -> infinite dataset of dicts: "view1", "view2"
