@@ -51,7 +51,6 @@ _IDX_DTYPES = {
 _SYNTHETIC = {"synthetic": (32, 3), "synthetic_gray": (28, 1)}
 _SYNTHETIC_SIZES = {"train": 512, "test": 256}
 _SYNTHETIC_SEEDS = {"train": 0, "test": 1}
-_NUM_PATTERNS = 10
 # split="auto" (the eval split) is the first of these the dataset has.
 AUTO_SPLIT = "auto"
 EVAL_SPLIT_PREFERENCE = ("validation", "test")
@@ -353,10 +352,11 @@ def synthetic_arrays(
     Returns:
       images [N, S, S, C] uint8 and labels [N] int64, balanced over classes.
     """
-    if not 1 <= num_classes <= _NUM_PATTERNS:
+    if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
         raise ValueError(
             f"num_classes={num_classes}: synthetic data has "
-            f"{_NUM_PATTERNS} patterns; use 1..{_NUM_PATTERNS}."
+            f"{len(SYNTHETIC_CLASSES)} patterns; use "
+            f"1..{len(SYNTHETIC_CLASSES)}."
         )
     if image_size < 8 or channels not in (1, 3) or num_examples < 1:
         raise ValueError(
