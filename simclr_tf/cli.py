@@ -62,7 +62,7 @@ def run(config: config_lib.Config) -> dict[str, object]:
       train_then_eval and eval).
     """
     # Imported here so that `--helpfull` and flag errors stay fast.
-    from simclr_tf import export, reporting, run_data, run_eval, runtime, train
+    from simclr_tf import reporting, run_data, run_eval, runtime, train
 
     mode = config.train.mode
     started = time.time()
@@ -108,27 +108,36 @@ def run(config: config_lib.Config) -> dict[str, object]:
     if mode == "train_then_eval":
         result.update(run_eval.evaluate_state(config, state, source))
     if mode in ("export", "train_then_eval"):
-        # Every worker exports (saving may run collectives); only the
-        # chief's copy is kept.
-        paths = export.export_all(
-            state.model,
-            runtime.write_dir(state.strategy, config.model_dir),
-            result["step"],
-            image_shape=state.image_shape,
-            keep_max=config.export.keep_hub_module_max,
-            keras_file=config.export.export_keras,
-            tflite=config.export.export_tflite,
-        )
-        runtime.discard_scratch(state.strategy, config.model_dir)
-        if chief:
-            result["export_path"] = paths.pop("saved_model")
-            result.update({f"export_{k}_path": v for k, v in paths.items()})
-            logging.info("exported SavedModel to %s", result["export_path"])
+        result.update(_export(config, state, result["step"], chief))
     result["wall_seconds"] = time.time() - started
     if chief and mode != "export":
         path = reporting.write_result(config.model_dir, result)
         logging.info("wrote %s", path)
         _print_table(result)
+    return result
+
+
+def _export(config, state, step: int, chief: bool) -> dict[str, str]:
+    """Exports the model; the export paths for result.json (chief only)."""
+    from simclr_tf import export, runtime
+
+    # Every worker exports (saving may run collectives); only the chief's
+    # copy is kept.
+    paths = export.export_all(
+        state.model,
+        runtime.write_dir(state.strategy, config.model_dir),
+        step,
+        image_shape=state.image_shape,
+        keep_max=config.export.keep_hub_module_max,
+        keras_file=config.export.export_keras,
+        tflite=config.export.export_tflite,
+    )
+    runtime.discard_scratch(state.strategy, config.model_dir)
+    if not chief:
+        return {}
+    result = {"export_path": paths.pop("saved_model")}
+    result.update({f"export_{k}_path": v for k, v in paths.items()})
+    logging.info("exported SavedModel to %s", result["export_path"])
     return result
 
 

@@ -325,7 +325,10 @@ def validate(config: Config) -> Config:
         a fix.
     """
     problems = (
-        _check_run(config) + _check_model(config.model) + _check_numbers(config)
+        _check_run(config)
+        + _check_model(config.model)
+        + _check_counts(config)
+        + _check_ranges(config)
     )
     if problems:
         raise ValueError(
@@ -479,13 +482,13 @@ def _num_head_layers(model: Model) -> int:
     return 1 if model.proj_head_mode == "linear" else 0
 
 
-def _check_numbers(config: Config) -> list[str]:
+def _check_counts(config: Config) -> list[str]:
     problems = []
-    train, data, optim = config.train, config.data, config.optim
+    train = config.train
     positive = {
         "train_batch_size": train.train_batch_size,
         "eval_batch_size": config.eval.eval_batch_size,
-        "image_size": data.image_size,
+        "image_size": config.data.image_size,
         "steps_per_loop": train.steps_per_loop,
         "keep_checkpoint_max": train.keep_checkpoint_max,
         "keep_hub_module_max": config.export.keep_hub_module_max,
@@ -507,6 +510,22 @@ def _check_numbers(config: Config) -> list[str]:
             "--train_batch_size=1 leaves no negatives for NT-Xent; use at "
             "least 2 (the paper uses 256 to 8192)."
         )
+    if config.runtime.num_virtual_cpus < 0:
+        problems.append("--num_virtual_cpus must be >= 0.")
+    if (
+        config.eval.knn_every_steps < 0
+        or config.eval.knn_max_train_examples < 0
+    ):
+        problems.append(
+            "--knn_every_steps and --knn_max_train_examples must be >= 0 "
+            "(0 = off / all)."
+        )
+    return problems
+
+
+def _check_ranges(config: Config) -> list[str]:
+    problems = []
+    data, optim = config.data, config.optim
     if config.loss.temperature <= 0:
         problems.append(
             f"--temperature={config.loss.temperature} must be > 0; use 0.1 "
@@ -532,19 +551,9 @@ def _check_numbers(config: Config) -> list[str]:
         problems.append("--weight_decay and --warmup_epochs must be >= 0.")
     if not 0.0 <= optim.momentum < 1.0:
         problems.append(f"--momentum={optim.momentum} must be in [0, 1).")
-    if config.runtime.num_virtual_cpus < 0:
-        problems.append("--num_virtual_cpus must be >= 0.")
     if not config.eval.knn_temperature >= 0.02:
         problems.append(
             f"--knn_temperature={config.eval.knn_temperature} must be >= "
             f"0.02 (exp(1 / t) overflows float32 below it); use 0.1."
-        )
-    if (
-        config.eval.knn_every_steps < 0
-        or config.eval.knn_max_train_examples < 0
-    ):
-        problems.append(
-            "--knn_every_steps and --knn_max_train_examples must be >= 0 "
-            "(0 = off / all)."
         )
     return problems

@@ -46,17 +46,8 @@ def run_linear_eval(
     train_data = run_data.eval_input(config, train_source)
     test_data = run_data.eval_input(config, test_source)
     num_classes = state.num_classes
-    representations: dict[str, Callable[[tf.data.Dataset], tuple]] = {
-        "": lambda data: evaluate.extract_features(state.model, data),
-    }
-    if config.eval.eval_baselines:
-        random_model = _random_init_model(config, state)
-        representations["random_init/"] = lambda data: (
-            evaluate.extract_features(random_model, data)
-        )
-        representations["pixels/"] = evaluate.pixel_features
     result: dict[str, object] = {"eval/split": test_source.split}
-    for prefix, featurize in representations.items():
+    for prefix, featurize in _representations(config, state).items():
         train_features, train_labels = featurize(train_data)
         test_features, test_labels = featurize(test_data)
         classifier = evaluate.train_linear_classifier(
@@ -85,10 +76,7 @@ def run_linear_eval(
             result[f"eval/{prefix}{name}"] = value
         if config.eval.eval_knn:
             neighbours = knn.knn_accuracy(
-                train_features,
-                train_labels,
-                test_features,
-                test_labels,
+                *(train_features, train_labels, test_features, test_labels),
                 num_classes=num_classes,
                 k=config.eval.knn_k,
                 temperature=config.eval.knn_temperature,
@@ -106,6 +94,22 @@ def run_linear_eval(
     result["eval/seconds"] = time.time() - started
     write_scalars(config, state, result)
     return result
+
+
+def _representations(
+    config: config_lib.Config, state: train.TrainState
+) -> dict[str, Callable[[tf.data.Dataset], tuple]]:
+    """Featurizers by metric prefix: the encoder, then the baselines."""
+    representations: dict[str, Callable[[tf.data.Dataset], tuple]] = {
+        "": lambda data: evaluate.extract_features(state.model, data),
+    }
+    if config.eval.eval_baselines:
+        random_model = _random_init_model(config, state)
+        representations["random_init/"] = lambda data: (
+            evaluate.extract_features(random_model, data)
+        )
+        representations["pixels/"] = evaluate.pixel_features
+    return representations
 
 
 # Images kept in memory for the retrieval grid and projector sprite (bytes).

@@ -454,31 +454,18 @@ def _loop(
         seconds = time.time() - started
         _check_finite(metrics, step, steps, state.manager)
         step += steps
-        if first:
-            logging.info(
-                "first loop (includes tracing and compiling) took %.1f s",
-                seconds,
-            )
-        else:
-            timed_images, timed_seconds = (
-                timed_images + steps * batch,
-                timed_seconds + seconds,
-            )
-        images_per_second = steps * batch / max(seconds, 1e-9)
-        learning_rate = float(
-            keras.ops.convert_to_numpy(state.optimizer.learning_rate)
-        )
-        reporting.log_progress(
-            step,
-            schedule.total_steps,
+        if not first:
+            timed_images += steps * batch
+            timed_seconds += seconds
+        _report(
+            state,
+            writer,
             metrics,
-            learning_rate,
-            images_per_second,
-            seconds / steps,
-            compile_loop=first,
-        )
-        reporting.write_scalars(
-            writer, step, metrics, learning_rate, images_per_second
+            step=step,
+            steps=steps,
+            images=steps * batch,
+            seconds=seconds,
+            first=first,
         )
         first = False
         if monitor and is_due(step, monitor.every, schedule.total_steps):
@@ -503,6 +490,40 @@ def _loop(
         "images_per_second": timed_images / max(timed_seconds, 1e-9),
         "preempted": preempted,
     }
+
+
+def _report(
+    state: TrainState,
+    writer: tf.summary.SummaryWriter | None,
+    metrics: dict[str, float],
+    *,
+    step: int,
+    steps: int,
+    images: int,
+    seconds: float,
+    first: bool,
+) -> None:
+    """Logs the progress line of a loop ending at `step`; writes its scalars."""
+    if first:
+        logging.info(
+            "first loop (includes tracing and compiling) took %.1f s", seconds
+        )
+    images_per_second = images / max(seconds, 1e-9)
+    learning_rate = float(
+        keras.ops.convert_to_numpy(state.optimizer.learning_rate)
+    )
+    reporting.log_progress(
+        step,
+        state.schedule.total_steps,
+        metrics,
+        learning_rate,
+        images_per_second,
+        seconds / steps,
+        compile_loop=first,
+    )
+    reporting.write_scalars(
+        writer, step, metrics, learning_rate, images_per_second
+    )
 
 
 def _save(config: config_lib.Config, state: TrainState, step: int) -> None:
