@@ -247,5 +247,6 @@ def define_transfer_flags() -> None:
     d.DEFINE_integer(
         "eval_timeout_secs",
         3600,
-        "--mode=eval: stop waiting for a new checkpoint after this long.",
+        "--mode=eval: stop waiting for a new checkpoint after this long "
+        "(0: evaluate the latest checkpoint only, then stop).",
     )
