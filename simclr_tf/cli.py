@@ -14,10 +14,14 @@ import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from absl import app, logging
 
 from simclr_tf import config as config_lib
+
+if TYPE_CHECKING:
+    from simclr_tf import train
 
 config_lib.define_flags()
 
@@ -117,7 +121,9 @@ def run(config: config_lib.Config) -> dict[str, object]:
     return result
 
 
-def _export(config, state, step: int, chief: bool) -> dict[str, str]:
+def _export(
+    config: config_lib.Config, state: train.TrainState, step: int, chief: bool
+) -> dict[str, str]:
     """Exports the model; the export paths for result.json (chief only)."""
     from simclr_tf import export, runtime
 

@@ -76,7 +76,10 @@ def run_linear_eval(
             result[f"eval/{prefix}{name}"] = value
         if config.eval.eval_knn:
             neighbours = knn.knn_accuracy(
-                *(train_features, train_labels, test_features, test_labels),
+                train_features,
+                train_labels,
+                test_features,
+                test_labels,
                 num_classes=num_classes,
                 k=config.eval.knn_k,
                 temperature=config.eval.knn_temperature,
