@@ -158,16 +158,16 @@ def build_train_loop(
     config: object, strategy: object, size: int, channels: int
 ) -> tuple[Callable[..., dict], object]:
     """simclr_tf's train loop (one step per call) and its model, built as
-    train.build_state builds them, under `strategy`.
+    train_state.build_state builds them, under `strategy`.
 
     Returns:
       (loop, model); the loop is not yet traced.
     """
     import tensorflow as tf
 
-    from simclr_tf import train, train_step
+    from simclr_tf.training import builders, train_state, train_step
 
-    schedule = train.Schedule(
+    schedule = train_state.Schedule(
         steps_per_epoch=100,
         total_steps=10_000,
         warmup_steps=10,
@@ -175,9 +175,9 @@ def build_train_loop(
         steps_per_loop=1,
     )
     with strategy.scope():
-        model = train.build_model(config, NUM_CLASSES, channels)
+        model = builders.build_model(config, NUM_CLASSES, channels)
         model(tf.zeros((1, size, size, channels)))
-        optimizer = train.build_optimizer(config, schedule)
+        optimizer = builders.build_optimizer(config, schedule)
         optimizer.build(model.trainable_variables)
     replicas = strategy.num_replicas_in_sync
     loop = train_step.make_train_loop(
@@ -200,7 +200,7 @@ def build_simclr_step(spec: dict[str, object]) -> SimclrStep:
     import numpy as np
     import tensorflow as tf
 
-    from simclr_tf import config as config_lib
+    from simclr_tf.config import schema as config_lib
 
     model_spec = MODELS[spec["model"]]
     keras.mixed_precision.set_global_policy(spec["precision"])

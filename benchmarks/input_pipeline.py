@@ -160,7 +160,7 @@ def _tfrecords(side: int) -> tuple[str, dict]:
 
 def _verify_seconds(data_dir: str) -> float:
     """Seconds of the decode-every-image pass of verify_images=True."""
-    from simclr_tf.data import decode, folder
+    from simclr_tf.data.sources import decode, folder
 
     paths = folder.list_folder(data_dir, "train", verify=False).paths
     started = time.perf_counter()
@@ -171,13 +171,13 @@ def _verify_seconds(data_dir: str) -> float:
 def _random_rgb(name: str, side: int) -> object:
     import numpy as np
 
-    from simclr_tf.data import sources
+    from simclr_tf.data.sources import base as source_lib
 
     count = _sized("num_images", side)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (count, side, side, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, count, dtype=np.int64)
-    return sources.from_arrays(name, "train", images, labels, 10, "random")
+    return source_lib.from_arrays(name, "train", images, labels, 10, "random")
 
 
 @contextlib.contextmanager
@@ -186,7 +186,7 @@ def open_benchmark_source(name: str) -> Iterator[tuple[object, dict]]:
 
     A context manager: tfds mock data only exists inside mock_data.
     """
-    from simclr_tf.data import sources
+    from simclr_tf.data.sources import registry
 
     settings, side = SOURCES[name], SOURCES[name]["image_size"]
     kind, facts = settings["kind"], {}
@@ -196,22 +196,22 @@ def open_benchmark_source(name: str) -> Iterator[tuple[object, dict]]:
         policy = tfds.testing.MockPolicy.USE_CODE
         count = _count("tfds_mock_images")
         with tfds.testing.mock_data(policy=policy, num_examples=count):
-            source = sources.open_source(settings["dataset"], "train")
+            source = registry.open_source(settings["dataset"], "train")
             yield source, {"dataset": settings["dataset"]}
         return
     if kind == "fashion_mnist":
-        source = sources.open_source("fashion_mnist", _FASHION_SPLIT.value)
+        source = registry.open_source("fashion_mnist", _FASHION_SPLIT.value)
     elif kind == "memory":
         source = _random_rgb(name, side)
     elif kind == "folder":
         data_dir, facts = _folder(side)
         facts["verify_seconds"] = _verify_seconds(data_dir)
-        source = sources.open_source(
+        source = registry.open_source(
             "folder", "train", data_dir=data_dir, verify_images=False
         )
     else:
         data_dir, facts = _tfrecords(side)
-        source = sources.open_source("tfrecord", "train", data_dir=data_dir)
+        source = registry.open_source("tfrecord", "train", data_dir=data_dir)
     yield source, facts
 
 
@@ -236,11 +236,11 @@ def time_device_distort(batch: dict, settings: dict) -> dict[str, object]:
     import numpy as np
     import tensorflow as tf
 
-    from simclr_tf.data import pipeline
+    from simclr_tf.data.augment import batch as augment_batch
 
     distort = tf.function(
         functools.partial(
-            pipeline.distort_views,
+            augment_batch.distort_views,
             color_jitter_strength=settings["strength"],
             blur=settings["blur"],
         ),

@@ -87,7 +87,7 @@ def _parse_replicas(values: list[str], batch: int) -> list[int]:
 
 def _worker_config(spec: dict[str, object]) -> object:
     """The simclr_tf Config of one configuration (as throughput.py's)."""
-    from simclr_tf import config as config_lib
+    from simclr_tf.config import schema as config_lib
 
     model = MODELS[spec["model"]]
     return config_lib.from_dict(
@@ -145,10 +145,10 @@ def run_worker(spec: dict[str, object]) -> dict[str, float]:
     import numpy as np
     import tensorflow as tf
 
-    from simclr_tf import train
+    from simclr_tf.training import train_state
 
     config = _worker_config(spec)
-    strategy = train.setup_run(config)  # devices, strategy, policy, seed
+    strategy = train_state.setup_run(config)  # devices, strategy, policy, seed
     model_spec = MODELS[spec["model"]]
     size, channels = model_spec["image_size"], model_spec["channels"]
     replicas = strategy.num_replicas_in_sync

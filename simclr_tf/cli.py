@@ -9,7 +9,6 @@ checkpoint. preview: <model_dir>/augmentations.png of the training views.
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 import time
@@ -18,12 +17,14 @@ from typing import TYPE_CHECKING
 
 from absl import app, logging
 
-from simclr_tf import config as config_lib
+from simclr_tf.config import flag_defs, validation
+from simclr_tf.config import loading as config_loading
+from simclr_tf.config import schema as config_lib
 
 if TYPE_CHECKING:
-    from simclr_tf import train
+    from simclr_tf.training import train_state
 
-config_lib.define_flags()
+flag_defs.define_flags()
 
 
 def main(argv: Sequence[str]) -> None:
@@ -34,10 +35,10 @@ def main(argv: Sequence[str]) -> None:
             f"--name=value (python -m simclr_tf --helpfull lists them)."
         )
     try:
-        config = config_lib.validate(config_lib.Config.from_flags())
+        config = validation.validate(config_loading.from_flags())
     except ValueError as error:
         sys.exit(f"simclr_tf: {error}")
-    if config.train.mode == "eval" and config_lib.saved_run_config(
+    if config.train.mode == "eval" and config_loading.saved_run_config(
         {"model_dir": config.model_dir}
     ):
         logging.info(
@@ -66,14 +67,17 @@ def run(config: config_lib.Config) -> dict[str, object]:
       train_then_eval and eval).
     """
     # Imported here so that `--helpfull` and flag errors stay fast.
-    from simclr_tf import reporting, run_data, run_eval, runtime, train
+    from simclr_tf import file_io, runtime
+    from simclr_tf.data import run_data
+    from simclr_tf.evaluation import monitor, run_eval
+    from simclr_tf.training import loop, train_state
 
     mode = config.train.mode
     started = time.time()
-    os.makedirs(config.model_dir, exist_ok=True)
+    file_io.makedirs(config.model_dir)
     source = run_data.open_train_source(config)
     if mode == "preview":
-        from simclr_tf import preview
+        from simclr_tf.reports import preview
 
         return {"preview_path": preview.run_preview(config, source)}
     if mode in ("eval", "train_then_eval") and source.num_classes == 0:
@@ -90,9 +94,11 @@ def run(config: config_lib.Config) -> dict[str, object]:
         _print_table(result)
         return result
     if mode in ("train", "train_then_eval"):
-        summary = train.run_training(config, source)
+        summary = loop.run_training(
+            config, source, hooks=monitor.training_hooks(config)
+        )
     else:
-        summary = train.restore_for_eval(config, source)
+        summary = train_state.restore_for_eval(config, source)
     state = summary["state"]
     if summary.get("preempted"):
         return {
@@ -108,21 +114,24 @@ def run(config: config_lib.Config) -> dict[str, object]:
         result["train/images_per_second"] = summary["images_per_second"]
         result["train/seconds"] = summary["train_seconds"]
     chief = runtime.is_chief(state.strategy)
-    result.update(reporting.skipped_files(summary["source"]))
+    result.update(run_data.skipped_files(summary["source"]))
     if mode == "train_then_eval":
         result.update(run_eval.evaluate_state(config, state, source))
     if mode in ("export", "train_then_eval"):
         result.update(_export(config, state, result["step"], chief))
     result["wall_seconds"] = time.time() - started
     if chief and mode != "export":
-        path = reporting.write_result(config.model_dir, result)
+        path = file_io.write_result(config.model_dir, result)
         logging.info("wrote %s", path)
         _print_table(result)
     return result
 
 
 def _export(
-    config: config_lib.Config, state: train.TrainState, step: int, chief: bool
+    config: config_lib.Config,
+    state: train_state.TrainState,
+    step: int,
+    chief: bool,
 ) -> dict[str, str]:
     """Exports the model; the export paths for result.json (chief only)."""
     from simclr_tf import export, runtime

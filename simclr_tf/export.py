@@ -3,7 +3,7 @@
 Writes `<model_dir>/saved_model/<step>/` with two inference-mode signatures,
 a training-mode function for fine-tuning, and optionally `model.keras` and
 `model.tflite` beside them. The SavedModel loads without simclr_tf.
-Training and checkpoints live in train.py; this module writes and prunes.
+Training and checkpoints live in training/; this module writes and prunes.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from simclr_tf import config as config_lib
+from simclr_tf.config import schema as config_lib
 
 
 def configure_virtual_cpus(count: int) -> None:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.data import augment, augment_batch
+from simclr_tf.data.augment import batch as augment_batch
+from simclr_tf.data.augment import image as augment
 
 
 def _image(height, width, channels, dtype, seed=0):

@@ -11,8 +11,9 @@ import numpy as np
 import tensorflow as tf
 
 from simclr_tf import cli
-from simclr_tf import config as config_lib
-from simclr_tf.data import sources
+from simclr_tf.config import schema as config_lib
+from simclr_tf.config import validation
+from simclr_tf.data.sources import synthetic
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +50,7 @@ def test_cli_rejects_unknown_flag():
 
 
 def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
-    config = config_lib.validate(
+    config = validation.validate(
         config_lib.from_dict(
             {
                 "model_dir": str(tmp_path),
@@ -123,7 +124,7 @@ def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
     # The source's class names reach the text report, beside the indices.
     text = (tmp_path / "reports" / "per_class.txt").read_text()
     for row in report["per_class"]:
-        name = sources.SYNTHETIC_CLASSES[row["class"]]
+        name = synthetic.SYNTHETIC_CLASSES[row["class"]]
         assert f"{row['class']} {name}" in text
     assert report["accuracy"] == written["eval/top_1"]
     assert os.path.isfile(
@@ -173,7 +174,7 @@ def test_folder_dataset_trains_and_reports_skipped_files(tmp_path):
             Image.fromarray(pixels).save(directory / f"{index}.png")
     (tmp_path / "data" / "cats" / "empty.jpg").write_bytes(b"")
     (tmp_path / "data" / "dogs" / "notes.png").write_text("not an image")
-    config = config_lib.validate(
+    config = validation.validate(
         config_lib.from_dict(
             {
                 "model_dir": str(tmp_path / "run"),

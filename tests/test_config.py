@@ -8,9 +8,10 @@ import pathlib
 import pytest
 from absl import flags
 
-from simclr_tf import config as config_lib
+from simclr_tf.config import flag_defs, validation
+from simclr_tf.config import schema as config_lib
 
-config_lib.define_flags()
+flag_defs.define_flags()
 FLAGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "flags"
 
 
@@ -63,7 +64,7 @@ def test_config_flagfiles_parse_and_validate():
         config = _parse(
             f"--flagfile={FLAGS_DIR / name}.cfg", "--model_dir=/tmp/x"
         )
-        assert config_lib.validate(config) is config, name
+        assert validation.validate(config) is config, name
 
 
 def test_train_mode_defaults_fill_only_flags_not_given():
@@ -99,7 +100,7 @@ def test_validate_reports_every_problem_with_flag_and_fix():
         }
     )
     with pytest.raises(ValueError) as error:
-        config_lib.validate(config)
+        validation.validate(config)
     message = str(error.value)
     assert message.startswith("4 invalid flag value(s)")
     assert "--resnet_depth=42" in message and "use e.g." in message
@@ -112,14 +113,14 @@ def test_validate_reports_every_problem_with_flag_and_fix():
 def test_validate_rejects_crop_min_area_outside_the_image(value):
     config = _parse("--model_dir=/tmp/x", f"--crop_min_area={value}")
     with pytest.raises(ValueError, match=f"--crop_min_area={value} must be"):
-        config_lib.validate(config)
+        validation.validate(config)
     milder = _parse("--model_dir=/tmp/x", "--crop_min_area=0.25")
-    assert config_lib.validate(milder).data.crop_min_area == 0.25
+    assert validation.validate(milder).data.crop_min_area == 0.25
 
 
 def test_validate_rejects_missing_model_dir():
     with pytest.raises(ValueError, match="--model_dir is not set"):
-        config_lib.validate(config_lib.from_dict({}))
+        validation.validate(config_lib.from_dict({}))
 
 
 def test_validate_rejects_selector_outside_head():
@@ -127,13 +128,13 @@ def test_validate_rejects_selector_outside_head():
         {"model_dir": "/x", "num_proj_layers": 2, "ft_proj_selector": 3}
     )
     with pytest.raises(ValueError, match=r"--ft_proj_selector=3 must be in"):
-        config_lib.validate(config)
+        validation.validate(config)
 
 
 def test_validate_rejects_distill_without_teacher():
     config = config_lib.from_dict({"model_dir": "/x", "train_mode": "distill"})
     with pytest.raises(ValueError, match="--train_mode=distill needs"):
-        config_lib.validate(config)
+        validation.validate(config)
 
 
 def test_replace_changes_one_flag_and_keeps_the_rest():
@@ -146,9 +147,9 @@ def test_replace_changes_one_flag_and_keeps_the_rest():
 
 def test_config_accepts_simclr_v2_blocks_and_rejects_bad_ratios():
     config = _parse("--model_dir=/x", "--sk_ratio=0.0625", "--se_ratio=0.25")
-    assert config_lib.validate(config).model.sk_ratio == 0.0625
+    assert validation.validate(config).model.sk_ratio == 0.0625
     with pytest.raises(ValueError, match=r"--sk_ratio=-1.0 .* in \[0, 1\)"):
-        config_lib.validate(_parse("--model_dir=/x", "--sk_ratio=-1"))
+        validation.validate(_parse("--model_dir=/x", "--sk_ratio=-1"))
 
 
 def _write_run_config(model_dir: pathlib.Path, **values) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.data import crop
+from simclr_tf.data.augment import crop
 
 NUM_CROP_DRAWS = 2000
 

@@ -13,7 +13,9 @@ from google.protobuf import text_format
 from sklearn import metrics as sk_metrics
 from tensorboard.plugins import projector
 
-from simclr_tf import eval_reports, report_images
+from simclr_tf.reports import evaluation as eval_reports
+from simclr_tf.reports import images as report_images
+from simclr_tf.reports import metrics as report_metrics
 
 # Hand-computed 3-class case. Pairs (true, predicted):
 # (0,0) (0,0) (0,1) (1,1) (1,1) (1,2) (2,2) (2,0) (2,0) (2,2)
@@ -27,13 +29,13 @@ def _pixel(image, x, y):
 
 
 def test_confusion_matrix_hand_computed():
-    matrix = eval_reports.confusion_matrix(HAND_LABELS, HAND_PREDICTIONS, 3)
+    matrix = report_metrics.confusion_matrix(HAND_LABELS, HAND_PREDICTIONS, 3)
     assert matrix.dtype == np.int64
     np.testing.assert_array_equal(matrix, HAND_MATRIX)
 
 
 def test_classification_report_hand_computed():
-    report = eval_reports.classification_report(
+    report = report_metrics.classification_report(
         HAND_LABELS, HAND_PREDICTIONS, 3
     )
     # Column sums 4, 3, 3 predictions; row sums 3, 3, 4 supports.
@@ -57,7 +59,7 @@ def test_classification_report_matches_sklearn_with_empty_classes():
     labels = rng.integers(0, 5, 200)  # class 5 has no support
     predictions = rng.integers(0, 4, 200)  # classes 4 and 5 never predicted
     with np.errstate(all="raise"):  # no division warnings allowed
-        report = eval_reports.classification_report(
+        report = report_metrics.classification_report(
             labels, predictions, num_classes
         )
     reference = sk_metrics.precision_recall_fscore_support(
@@ -78,7 +80,7 @@ def test_classification_report_matches_sklearn_with_empty_classes():
         sk_metrics.accuracy_score(labels, predictions)
     )
     np.testing.assert_array_equal(
-        eval_reports.confusion_matrix(labels, predictions, num_classes),
+        report_metrics.confusion_matrix(labels, predictions, num_classes),
         sk_metrics.confusion_matrix(
             labels, predictions, labels=list(range(num_classes))
         ),
@@ -91,16 +93,16 @@ def test_classification_report_matches_sklearn_with_empty_classes():
 )
 def test_confusion_matrix_rejects_bad_inputs(labels, predictions):
     with pytest.raises(ValueError, match="labels|predictions"):
-        eval_reports.confusion_matrix(
+        report_metrics.confusion_matrix(
             np.array(labels), np.array(predictions), 3
         )
 
 
 def test_format_report_has_a_row_per_class_then_averages():
-    report = eval_reports.classification_report(
+    report = report_metrics.classification_report(
         HAND_LABELS, HAND_PREDICTIONS, 3
     )
-    text = eval_reports.format_report(report, ["cat", "dog", "emu"])
+    text = report_metrics.format_report(report, ["cat", "dog", "emu"])
     lines = [line for line in text.splitlines() if line.strip("-")]
     assert [line.split()[:2] for line in lines[1:4]] == [
         ["0", "cat"],
@@ -394,7 +396,7 @@ def test_write_reports_writes_files_and_summaries(tmp_path):
         step, _ = values[f"reports/{tag}"]
         assert step == 7
     step, value = values["reports/macro_f1"]
-    report = eval_reports.classification_report(labels, predictions, 2)
+    report = report_metrics.classification_report(labels, predictions, 2)
     assert step == 7
     # Tolerance: the scalar is stored as float32.
     assert float(tf.make_ndarray(value.tensor)) == pytest.approx(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf import evaluate
+from simclr_tf.evaluation import extract, linear
 
 
 def _blobs(rng, num_per_class, num_classes, dim, separation):
@@ -37,9 +37,9 @@ def test_top_k_accuracy_hand_computed_with_ties():
     )
     labels = np.array([1, 0, 2, 2])
     # Ties count against: rivals with logit >= the label's are 0, 1, 2, 1.
-    assert evaluate.top_k_accuracy(logits, labels, 1) == pytest.approx(1 / 4)
-    assert evaluate.top_k_accuracy(logits, labels, 2) == pytest.approx(3 / 4)
-    assert evaluate.top_k_accuracy(logits, labels, 3) == pytest.approx(1.0)
+    assert linear.top_k_accuracy(logits, labels, 1) == pytest.approx(1 / 4)
+    assert linear.top_k_accuracy(logits, labels, 2) == pytest.approx(3 / 4)
+    assert linear.top_k_accuracy(logits, labels, 3) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
@@ -51,19 +51,19 @@ def test_top_k_accuracy_matches_numpy_argsort(k):
     expected = np.mean(
         [label in row for label, row in zip(labels, top_classes, strict=True)]
     )
-    assert evaluate.top_k_accuracy(logits, labels, k) == expected
+    assert linear.top_k_accuracy(logits, labels, k) == expected
 
 
 def test_top_k_accuracy_counts_nan_logits_as_misses():
     logits = np.array([[np.nan, 0.0, 1.0], [0.0, np.nan, 1.0]])
     # Row 0: the label's logit is NaN; row 1: a NaN rival cannot be ranked
     # below the label, so it counts against it: both rows miss at k=1.
-    assert evaluate.top_k_accuracy(logits, np.array([0, 2]), 1) == 0.0
+    assert linear.top_k_accuracy(logits, np.array([0, 2]), 1) == 0.0
 
 
 def test_top_k_accuracy_rejects_k_below_one():
     with pytest.raises(ValueError, match="k=0"):
-        evaluate.top_k_accuracy(np.zeros((2, 3)), np.zeros(2, np.int64), 0)
+        linear.top_k_accuracy(np.zeros((2, 3)), np.zeros(2, np.int64), 0)
 
 
 def test_train_linear_classifier_matches_numpy_nesterov_reference():
@@ -87,7 +87,7 @@ def test_train_linear_classifier_matches_numpy_nesterov_reference():
         bias_velocity = momentum * bias_velocity - rate * bias_grad
         kernel += momentum * kernel_velocity - rate * kernel_grad
         bias += momentum * bias_velocity - rate * bias_grad
-    classifier = evaluate.train_linear_classifier(
+    classifier = linear.train_linear_classifier(
         features,
         labels,
         3,
@@ -106,7 +106,7 @@ def test_train_linear_classifier_separable_blobs_reach_full_accuracy():
     # every test point is separable and top-1 must be exactly 1.
     train_x, train_y = _blobs(rng, 100, 4, 16, separation=12.0)
     test_x, test_y = _blobs(rng, 100, 4, 16, separation=12.0)
-    result = evaluate.linear_eval(train_x, train_y, test_x, test_y, 4, epochs=5)
+    result = linear.linear_eval(train_x, train_y, test_x, test_y, 4, epochs=5)
     assert result["top_1"] == 1.0
     assert result["num_train"] == 400 and result["num_test"] == 400
 
@@ -125,7 +125,7 @@ def test_train_linear_classifier_reaches_bayes_accuracy_with_label_noise():
     flip_fraction = 0.2
     train_x, train_y = _noisy_sign_set(rng, 4000, 8, flip_fraction)
     test_x, test_y = _noisy_sign_set(rng, 4000, 8, flip_fraction)
-    result = evaluate.linear_eval(
+    result = linear.linear_eval(
         train_x, train_y, test_x, test_y, 2, epochs=10, batch_size=128
     )
     # Flips are independent of x, so the best classifier (sign of x_0) scores
@@ -142,8 +142,8 @@ def test_train_linear_classifier_standardize_invariant_to_affine_rescale():
     scale = rng.uniform(0.2, 5.0, size=8).astype(np.float32)
     shift = rng.uniform(-3.0, 3.0, size=8).astype(np.float32)
     kwargs = {"epochs": 5, "batch_size": 32, "standardize": True}
-    plain = evaluate.train_linear_classifier(train_x, train_y, 3, **kwargs)
-    rescaled = evaluate.train_linear_classifier(
+    plain = linear.train_linear_classifier(train_x, train_y, 3, **kwargs)
+    rescaled = linear.train_linear_classifier(
         train_x * scale + shift, train_y, 3, **kwargs
     )
     plain_logits = plain.predict_logits(test_x)
@@ -172,11 +172,11 @@ def test_extract_features_leaves_encoder_and_batch_norm_statistics_frozen():
     rng = np.random.default_rng(6)
     images = rng.uniform(size=(10, 6, 6, 1)).astype(np.float32)
     before = [weight.numpy() for weight in model.weights]
-    evaluate.extract_features(
+    extract.extract_features(
         lambda batch: model(batch, training=False),
         _image_dataset(images, np.arange(10), 4),
     )
-    evaluate.extract_features(model, _image_dataset(images, np.arange(10), 4))
+    extract.extract_features(model, _image_dataset(images, np.arange(10), 4))
     # weights include the BN moving mean and variance; inputs far from the
     # initial (0, 1) statistics would move them under momentum 0.5.
     assert len(before) == len(model.weights) and len(before) >= 6
@@ -190,7 +190,7 @@ def test_extract_features_keeps_every_row_including_short_last_batch():
     images = rng.uniform(size=(10, 6, 6, 1)).astype(np.float32)
     labels = rng.integers(0, 3, size=10)
     # Batches of 4, 4, 2: the short batch must not be dropped or padded.
-    features, got_labels = evaluate.extract_features(
+    features, got_labels = extract.extract_features(
         model, _image_dataset(images, labels, 4)
     )
     expected = model(images, training=False)["final_avg_pool"]
@@ -205,16 +205,14 @@ def test_extract_features_rejects_unknown_feature_key():
     model = _encoder_with_batch_norm()
     dataset = _image_dataset(np.zeros((2, 6, 6, 1), np.float32), [0, 1], 2)
     with pytest.raises(ValueError, match="proj_head_output"):
-        evaluate.extract_features(
-            model, dataset, feature_key="proj_head_output"
-        )
+        extract.extract_features(model, dataset, feature_key="proj_head_output")
 
 
 def test_pixel_features_flattens_images_row_major():
     rng = np.random.default_rng(8)
     images = rng.uniform(size=(7, 3, 4, 2)).astype(np.float32)
     labels = np.arange(7)
-    features, got_labels = evaluate.pixel_features(
+    features, got_labels = extract.pixel_features(
         _image_dataset(images, labels, 3)
     )
     assert features.shape == (7, 3 * 4 * 2)

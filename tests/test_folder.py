@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from simclr_tf.data import decode, folder
+from simclr_tf.data.sources import decode, folder
 
 # TF's and PIL's libjpeg-turbo builds both run the accurate integer IDCT
 # here (exact in practice); one level allows another build's rounding.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf import knn
+from simclr_tf.evaluation import knn
 from simclr_tf.models import simclr
 
 

@@ -21,8 +21,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from simclr_tf import reporting
-from simclr_tf.data import folder, sources, tfrecord
+from simclr_tf.data import run_data
+from simclr_tf.data.sources import folder, registry, tfrecord
 from simclr_tf.tools import make_tfrecords
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -346,14 +346,14 @@ def test_open_tfrecord_counts_skips_beyond_the_recorded_examples(tmp_path):
     source = tfrecord.open_tfrecord(str(tmp_path / "out"), "train")
     assert source.skip_counts() == {"empty": 12}
     assert len(source.skipped["empty"]) == 10
-    assert reporting.skipped_files(source)["data/skipped_files"] == 12
+    assert run_data.skipped_files(source)["data/skipped_files"] == 12
 
 
 def test_open_source_dataset_tfrecord_reads_the_shards(written):
-    """--dataset=tfrecord goes through sources.open_source to the shards."""
+    """--dataset=tfrecord goes through registry.open_source to the shards."""
     _, output_dir, _ = written
-    source = sources.open_source("tfrecord", "auto", data_dir=output_dir)
+    source = registry.open_source("tfrecord", "auto", data_dir=output_dir)
     assert (source.name, source.split) == ("tfrecord", "validation")
     assert source.num_examples == IMAGES_PER_CLASS["validation"] * len(CLASSES)
     with pytest.raises(ValueError, match="--dataset=tfrecord needs --data_dir"):
-        sources.open_source("tfrecord", "train")
+        registry.open_source("tfrecord", "train")

@@ -29,22 +29,26 @@ _DRIVER = textwrap.dedent(
     import sys
     import numpy as np
     from absl import logging
-    from simclr_tf import cli, train
-    from simclr_tf import config as config_lib
+    from simclr_tf import cli
+    from simclr_tf.training import 
+from simclr_tf.training import loop as training_loop
+    from simclr_tf.config import schema as config_lib
+    from simclr_tf.config import validation
+    from simclr_tf.training import loop
 
     model_dir, output = sys.argv[1], sys.argv[2]
     train_steps, mode = int(sys.argv[3]), sys.argv[4]
     captured = {}
-    run_training = train.run_training
+    run_training = training_loop.run_training
 
     def recording_run_training(config, source=None):
         summary = run_training(config, source)
         captured["state"] = summary["state"]
         return summary
 
-    train.run_training = recording_run_training
+    training_loop.run_training = recording_run_training
     logging.set_verbosity(logging.INFO)
-    config = config_lib.validate(config_lib.from_dict({
+    config = validation.validate(config_lib.from_dict({
         "dataset": "synthetic", "train_split": "train", "eval_split": "test",
         "image_size": 16, "resnet_depth": 18, "width_multiplier": 0.125,
         "proj_out_dim": 16, "train_batch_size": 16, "temperature": 0.5,

@@ -14,24 +14,27 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclr_tf import config as config_lib
-from simclr_tf import run_data
-from simclr_tf.data import pipeline, sources
+from simclr_tf.config import schema as config_lib
+from simclr_tf.data import pipeline
+from simclr_tf.data.augment import batch as augment_batch
+from simclr_tf.data.augment import run_data
+from simclr_tf.data.sources import base as source_lib
+from simclr_tf.data.sources import registry, synthetic
 
 SIZE = 16
 
 
-def tiny_source(num_examples: int = 10) -> sources.Source:
-    return sources.synthetic(
+def tiny_source(num_examples: int = 10) -> source_lib.Source:
+    return synthetic.synthetic(
         num_examples=num_examples, image_size=SIZE, channels=3, seed=0
     )
 
 
-def constant_source(value: int, num_examples: int = 4) -> sources.Source:
+def constant_source(value: int, num_examples: int = 4) -> source_lib.Source:
     """Images of one flat colour: only a colour change can alter a pixel."""
     images = np.full((num_examples, SIZE, SIZE, 3), value, np.uint8)
     labels = np.arange(num_examples) % 2
-    return sources.from_arrays("constant", "train", images, labels, 2)
+    return source_lib.from_arrays("constant", "train", images, labels, 2)
 
 
 def pretrain_batches(
@@ -192,7 +195,7 @@ def test_pretrain_input_fn_tfds_mock_cifar10():
     with tfds.testing.mock_data(
         num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE
     ):
-        source = sources.open_source("cifar10", "train", seed=0)
+        source = registry.open_source("cifar10", "train", seed=0)
         input_fn = pipeline.pretrain_input_fn(
             source,
             global_batch_size=4,
@@ -218,7 +221,7 @@ PARITY_ATOL = 1e-5
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_pretrain_input_fn_batched_equals_per_image(channels):
-    source = sources.synthetic(
+    source = synthetic.synthetic(
         num_examples=12, image_size=SIZE, channels=channels, seed=0
     )
     batches = {}
@@ -269,7 +272,7 @@ def test_pretrain_input_fn_varying_image_sizes_fall_back_to_per_image():
             ),
         )
 
-    source = sources.Source(
+    source = source_lib.Source(
         "varying", "train", 4, 1, (None, None, 3), _loader=loader
     )
     # Batching before cropping would fail on these shapes.
@@ -297,7 +300,7 @@ def test_pretrain_input_fn_on_device_views_complete_to_host_views(batched):
     for host, device in zip(batches[False], batches[True], strict=True):
         assert "view_seeds" not in host
         assert device["view_seeds"].shape == (5, 2, 2)
-        views = pipeline.distort_views(
+        views = augment_batch.distort_views(
             (device["view1"], device["view2"]),
             device["view_seeds"],
             color_jitter_strength=0.5,
@@ -310,12 +313,14 @@ def test_pretrain_input_fn_on_device_views_complete_to_host_views(batched):
             np.testing.assert_allclose(view, host[key], atol=PARITY_ATOL)
 
 
-def _indexed_source(num_examples: int = 6) -> tuple[sources.Source, np.ndarray]:
+def _indexed_source(
+    num_examples: int = 6,
+) -> tuple[source_lib.Source, np.ndarray]:
     """Random 1-channel images labelled by their index."""
     rng = np.random.default_rng(4)
     images = rng.integers(0, 256, (num_examples, SIZE, SIZE, 1), np.uint8)
     labels = np.arange(num_examples)
-    source = sources.from_arrays("indexed", "train", images, labels, 6)
+    source = source_lib.from_arrays("indexed", "train", images, labels, 6)
     return source, images.astype(np.float32) / 255.0
 
 

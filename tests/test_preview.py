@@ -10,8 +10,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageFont
 
-from simclr_tf import config, preview
-from simclr_tf.data import augment, sources
+from simclr_tf.config import schema as config_lib
+from simclr_tf.data.augment import image as augment
+from simclr_tf.data.sources import registry, synthetic
+from simclr_tf.reports import preview
 
 # Jitter, blur and no blur are all exercised by the options below.
 OPTIONS = dict(color_jitter_strength=0.5, blur=True, brightness_impl="v2")
@@ -25,7 +27,7 @@ def _tile(grid: np.ndarray, row: int, column: int, size: int, pad: int):
 
 
 def _views(channels: int, seed: int, num_images: int = 2, views: int = 2):
-    source = sources.synthetic(
+    source = synthetic.synthetic(
         num_examples=16, image_size=32, channels=channels
     )
     return preview.make_views(
@@ -84,7 +86,7 @@ def test_augmentation_grid_grayscale_gives_three_equal_channels():
     np.testing.assert_array_equal(grid[..., 0], grid[..., 1])
     np.testing.assert_array_equal(grid[..., 0], grid[..., 2])
     # The grey source tile is the source image in all three channels.
-    raw, _ = sources.synthetic_arrays(16, 32, 1, 10, 0)
+    raw, _ = synthetic.synthetic_arrays(16, 32, 1, 10, 0)
     tile = _tile(grid, 1, 0, 32, 2).astype(int)
     # preprocess_for_eval at 32 x 32 is a bicubic identity: rounding only.
     assert np.abs(tile - raw[1]).max() <= 1
@@ -99,7 +101,7 @@ def test_augmentation_grid_rejects_mismatched_views():
 
 def test_make_views_source_tile_matches_source_image():
     images, views = _views(channels=3, seed=0)
-    raw, _ = sources.synthetic_arrays(16, 32, 3, 10, 0)
+    raw, _ = synthetic.synthetic_arrays(16, 32, 3, 10, 0)
     grid = preview.augmentation_grid(images, views)
     for index in range(2):
         tile = _tile(grid, index, 0, 32, 2).astype(int)
@@ -111,7 +113,7 @@ def test_make_views_source_tile_matches_source_image():
 def test_make_views_match_simclr_augment_with_documented_seeds():
     seed = 7
     images, views = _views(channels=3, seed=seed, num_images=2, views=2)
-    raw, _ = sources.synthetic_arrays(16, 32, 3, 10, 0)
+    raw, _ = synthetic.synthetic_arrays(16, 32, 3, 10, 0)
     grid = preview.augmentation_grid(images, views)
     for index in range(2):
         for view in range(2):
@@ -222,17 +224,17 @@ def test_summary_image_is_one_uint8_image_for_tf_summary(tmp_path):
 
 
 def test_run_preview_writes_model_dir_png(tmp_path):
-    run_config = config.Config(
+    run_config = config_lib.Config(
         model_dir=str(tmp_path / "run"),
-        data=config.Data(
+        data=config_lib.Data(
             dataset="synthetic",
             image_size=32,
             color_jitter_strength=0.5,
             use_blur=False,
         ),
-        train=config.Train(seed=5),
+        train=config_lib.Train(seed=5),
     )
-    source = sources.open_source("synthetic", "train")
+    source = registry.open_source("synthetic", "train")
     path = preview.run_preview(
         run_config, source, num_images=2, views_per_image=3
     )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.data import random_ops
+from simclr_tf.data.augment import randomness as random_ops
 
 
 def _seeds(count, salt=0):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf import config as config_lib
-from simclr_tf import train, train_step
+from simclr_tf.config import schema as config_lib
+from simclr_tf.training import builders, train_state, train_step
 
 GLOBAL_BATCH = 16
 IMAGE_SIZE = 16
@@ -105,7 +105,7 @@ def _one_step(strategy, config, batch, initial_weights):
     """
     keras.mixed_precision.set_global_policy("float32")
     keras.utils.set_random_seed(0)
-    schedule = train.Schedule(
+    schedule = train_state.Schedule(
         steps_per_epoch=10,
         total_steps=100,
         warmup_steps=0,
@@ -114,12 +114,12 @@ def _one_step(strategy, config, batch, initial_weights):
     )
     replicas = strategy.num_replicas_in_sync
     with strategy.scope():
-        model = train.build_model(config, NUM_CLASSES, 3)
+        model = builders.build_model(config, NUM_CLASSES, 3)
         model(tf.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)))
         if initial_weights is None:
             initial_weights = model.get_weights()
         model.set_weights(initial_weights)
-        optimizer = train.build_optimizer(config, schedule)
+        optimizer = builders.build_optimizer(config, schedule)
         optimizer.build(model.trainable_variables)
     step = train_step.make_train_step(config, model, optimizer, replicas)
     iterator = iter(strategy.experimental_distribute_dataset(_dataset(batch)))

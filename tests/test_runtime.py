@@ -7,8 +7,8 @@ import json
 import pytest
 import tensorflow as tf
 
-from simclr_tf import config as config_lib
 from simclr_tf import runtime
+from simclr_tf.config import schema as config_lib
 
 
 def _runtime(**values) -> config_lib.Runtime:

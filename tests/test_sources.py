@@ -14,9 +14,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclr_tf.data import sources
+from simclr_tf.data.sources import base as source_lib
+from simclr_tf.data.sources import fashion_mnist, registry, synthetic
 
-SYSTEM_DIR = sources.FASHION_MNIST_SYSTEM_DIR
+SYSTEM_DIR = fashion_mnist.FASHION_MNIST_SYSTEM_DIR
 needs_system_fashion_mnist = pytest.mark.skipif(
     not os.path.isfile(os.path.join(SYSTEM_DIR, "train-images-idx3-ubyte.gz")),
     reason="Debian's dataset-fashion-mnist is not installed",
@@ -33,7 +34,7 @@ def write_idx(path, array: np.ndarray, type_byte: int, compress: bool):
         handle.write(gzip.compress(data) if compress else data)
 
 
-def as_arrays(source: sources.Source) -> tuple[np.ndarray, np.ndarray]:
+def as_arrays(source: source_lib.Source) -> tuple[np.ndarray, np.ndarray]:
     return next(source.dataset().batch(source.num_examples).as_numpy_iterator())
 
 
@@ -48,7 +49,7 @@ def test_read_idx_round_trips_written_array(
     array = (rng.uniform(-1000, 1000, size=(3, 4, 5)) % 256).astype(dtype)
     path = tmp_path / "array.idx"
     write_idx(path, array, type_byte, compress)
-    result = sources.read_idx(str(path))
+    result = fashion_mnist.read_idx(str(path))
     assert result.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(result, array)
 
@@ -57,14 +58,14 @@ def test_read_idx_rejects_bad_magic(tmp_path):
     path = tmp_path / "bad.idx"
     path.write_bytes(b"\x12\x34\x08\x01" + (3).to_bytes(4, "big") + b"abc")
     with pytest.raises(ValueError, match="not an IDX file"):
-        sources.read_idx(str(path))
+        fashion_mnist.read_idx(str(path))
 
 
 def test_read_idx_rejects_unknown_type_byte(tmp_path):
     path = tmp_path / "bad_type.idx"
     path.write_bytes(b"\x00\x00\x07\x01" + (3).to_bytes(4, "big") + b"abc")
     with pytest.raises(ValueError, match="type byte 0x07"):
-        sources.read_idx(str(path))
+        fashion_mnist.read_idx(str(path))
 
 
 def test_read_idx_rejects_truncated_file(tmp_path):
@@ -72,13 +73,13 @@ def test_read_idx_rejects_truncated_file(tmp_path):
     write_idx(path, np.zeros((2, 3), np.uint8), 0x08, compress=False)
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(ValueError, match="truncated"):
-        sources.read_idx(str(path))
+        fashion_mnist.read_idx(str(path))
 
 
 @needs_system_fashion_mnist
 @pytest.mark.parametrize("split, size", [("train", 60000), ("test", 10000)])
 def test_fashion_mnist_system_split_sizes(split, size):
-    source = sources.open_source("fashion_mnist", split)
+    source = registry.open_source("fashion_mnist", split)
     assert source.num_examples == size
     assert source.image_shape == (28, 28, 1)
     assert source.num_classes == 10
@@ -89,7 +90,7 @@ def test_fashion_mnist_system_split_sizes(split, size):
 
 @needs_system_fashion_mnist
 def test_fashion_mnist_train_class_balance_and_pixel_mean():
-    source = sources.open_source("fashion_mnist", "train")
+    source = registry.open_source("fashion_mnist", "train")
     images, labels = next(
         source.dataset().batch(source.num_examples).as_numpy_iterator()
     )
@@ -119,7 +120,7 @@ def test_fashion_mnist_reads_idx_from_data_dir(tmp_path):
     images = rng.integers(0, 256, size=(5, 4, 6), dtype=np.uint8)
     labels = np.array([3, 0, 9, 3, 1], np.uint8)
     write_fashion_mnist_dir(tmp_path, "t10k", images, labels)
-    source = sources.open_source(
+    source = registry.open_source(
         "fashion_mnist", "test", data_dir=str(tmp_path)
     )
     assert source.num_examples == 5 and source.image_shape == (4, 6, 1)
@@ -134,19 +135,19 @@ def test_fashion_mnist_reads_idx_from_data_dir(tmp_path):
 
 def test_fashion_mnist_validation_split_suggests_test():
     with pytest.raises(ValueError, match='use "test"'):
-        sources.open_source("fashion_mnist", "validation")
+        registry.open_source("fashion_mnist", "validation")
 
 
 def test_fashion_mnist_falls_back_to_tfds_without_idx_files(
     tmp_path, monkeypatch
 ):
     monkeypatch.setattr(
-        sources, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "absent")
+        fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "absent")
     )
     with tfds.testing.mock_data(
         num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE
     ):
-        source = sources.open_source(
+        source = registry.open_source(
             "fashion_mnist", "train", data_dir=str(tmp_path)
         )
         assert source.origin.startswith("tfds:")
@@ -158,9 +159,9 @@ def test_fashion_mnist_falls_back_to_tfds_without_idx_files(
 
 
 def test_synthetic_is_deterministic_and_splits_differ():
-    train_a = as_arrays(sources.open_source("synthetic", "train"))
-    train_b = as_arrays(sources.open_source("synthetic", "train"))
-    test = as_arrays(sources.open_source("synthetic", "test"))
+    train_a = as_arrays(registry.open_source("synthetic", "train"))
+    train_b = as_arrays(registry.open_source("synthetic", "train"))
+    test = as_arrays(registry.open_source("synthetic", "test"))
     np.testing.assert_array_equal(train_a[0], train_b[0])
     np.testing.assert_array_equal(train_a[1], train_b[1])
     assert train_a[0].shape == (512, 32, 32, 3)
@@ -169,7 +170,7 @@ def test_synthetic_is_deterministic_and_splits_differ():
 
 
 def test_synthetic_gray_shape_and_balanced_labels():
-    source = sources.open_source("synthetic_gray", "train")
+    source = registry.open_source("synthetic_gray", "train")
     assert source.image_shape == (28, 28, 1) and source.num_classes == 10
     _, labels = as_arrays(source)
     # 512 = 10 x 51 + 2: two classes get one extra example.
@@ -185,8 +186,8 @@ def fourier_features(images: np.ndarray) -> np.ndarray:
 
 
 def test_synthetic_classes_are_learnable_from_shape():
-    train_images, train_labels = sources.synthetic_arrays(512, 32, 3, 10, 0)
-    test_images, test_labels = sources.synthetic_arrays(256, 32, 3, 10, 1)
+    train_images, train_labels = synthetic.synthetic_arrays(512, 32, 3, 10, 0)
+    test_images, test_labels = synthetic.synthetic_arrays(256, 32, 3, 10, 1)
     train, test = fourier_features(train_images), fourier_features(test_images)
     centroids = np.stack([train[train_labels == k].mean(0) for k in range(10)])
     accuracy = np.mean(np.argmax(test @ centroids.T, 1) == test_labels)
@@ -197,11 +198,11 @@ def test_synthetic_classes_are_learnable_from_shape():
 
 def test_synthetic_rejects_too_many_classes():
     with pytest.raises(ValueError, match="num_classes=11"):
-        sources.synthetic(num_examples=20, num_classes=11)
+        synthetic.synthetic(num_examples=20, num_classes=11)
 
 
 def test_source_dataset_shards_by_input_context():
-    source = sources.synthetic(num_examples=7, image_size=8, channels=1)
+    source = synthetic.synthetic(num_examples=7, image_size=8, channels=1)
     _, labels = as_arrays(source)
     shards = [
         [
@@ -222,7 +223,7 @@ def test_tfds_mock_cifar10_source():
     with tfds.testing.mock_data(
         num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE
     ):
-        source = sources.open_source("cifar10", "train", seed=0)
+        source = registry.open_source("cifar10", "train", seed=0)
         assert source.num_classes == 10
         assert source.image_shape == (32, 32, 3)
         assert source.num_examples == 5
@@ -232,4 +233,4 @@ def test_tfds_mock_cifar10_source():
 
 def test_open_source_unknown_dataset_names_it():
     with pytest.raises(ValueError, match="'fashion_mnst'.*fashion_mnist"):
-        sources.open_source("fashion_mnst", "train")
+        registry.open_source("fashion_mnst", "train")

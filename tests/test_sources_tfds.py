@@ -17,7 +17,8 @@ import requests
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclr_tf.data import pipeline, sources
+from simclr_tf.data import pipeline
+from simclr_tf.data.sources import fashion_mnist, registry
 
 MOCK = tfds.testing.MockPolicy.USE_CODE
 TINY_SPLITS = {
@@ -93,7 +94,7 @@ def host_context(host: int, hosts: int) -> tf.distribute.InputContext:
 def test_open_source_mock_facts_come_from_builder_info(name):
     features = tfds.builder(name).info.features
     with tfds.testing.mock_data(num_examples=5, policy=MOCK):
-        source = sources.open_source(name, "train", seed=0)
+        source = registry.open_source(name, "train", seed=0)
         first = next(source.dataset().as_numpy_iterator())
     assert source.num_classes == features["label"].num_classes
     assert source.class_names == tuple(features["label"].names)
@@ -105,7 +106,7 @@ def test_open_source_mock_facts_come_from_builder_info(name):
 
 def test_open_source_mock_imagenet2012_images_vary_in_size():
     with tfds.testing.mock_data(num_examples=6, policy=MOCK):
-        source = sources.open_source("imagenet2012", "validation")
+        source = registry.open_source("imagenet2012", "validation")
         shapes = {image.shape for image, _ in source.dataset()}
     assert source.image_shape == (None, None, 3)
     # Random sizes per example, as ImageNet's JPEGs have.
@@ -117,7 +118,7 @@ def test_open_source_mock_imagenet2012_images_vary_in_size():
 )
 def test_pretrain_input_fn_mock_tfds_batches(name, num_classes):
     with tfds.testing.mock_data(num_examples=8, policy=MOCK):
-        source = sources.open_source(name, "train", seed=0)
+        source = registry.open_source(name, "train", seed=0)
         input_fn = pipeline.pretrain_input_fn(
             source,
             global_batch_size=8,
@@ -143,7 +144,7 @@ def test_pretrain_input_fn_mock_tfds_batches(name, num_classes):
 )
 def test_eval_dataset_mock_tfds_one_pass(name, num_classes):
     with tfds.testing.mock_data(num_examples=7, policy=MOCK):
-        source = sources.open_source(name, "auto")
+        source = registry.open_source(name, "auto")
         data = pipeline.eval_dataset(source, batch_size=4, image_size=32)
         batches = list(data.as_numpy_iterator())
     # 7 examples in batches of 4: one full batch and the remainder.
@@ -159,7 +160,7 @@ def test_open_source_mock_auto_split_without_split_info_is_validation():
     # Mock info lists no splits and mock data serves any split name, so
     # "auto" takes the first preference (documented in sources).
     with tfds.testing.mock_data(num_examples=2, policy=MOCK):
-        assert sources.open_source("cifar10", "auto").split == "validation"
+        assert registry.open_source("cifar10", "auto").split == "validation"
 
 
 @pytest.mark.parametrize(
@@ -169,7 +170,7 @@ def test_open_source_mock_auto_split_without_split_info_is_validation():
 def test_open_source_tfds_auto_split_prefers_validation(
     tiny_dir, config, expected
 ):
-    source = sources.open_source(
+    source = registry.open_source(
         f"tiny_tfds/{config}", "auto", data_dir=tiny_dir
     )
     assert (source.split, source.num_examples) == expected
@@ -179,24 +180,24 @@ def test_open_source_tfds_auto_split_without_eval_split_lists_splits(
     tiny_dir,
 ):
     with pytest.raises(ValueError, match=r'split="auto".*only train;'):
-        sources.open_source("tiny_tfds/train_only", "auto", data_dir=tiny_dir)
+        registry.open_source("tiny_tfds/train_only", "auto", data_dir=tiny_dir)
 
 
 @pytest.mark.parametrize(
     "name, split", [("synthetic", "test"), ("synthetic_gray", "test")]
 )
 def test_open_source_auto_split_of_synthetic_is_test(name, split):
-    source = sources.open_source(name, "auto")
+    source = registry.open_source(name, "auto")
     assert (source.split, source.num_examples) == (split, 256)
 
 
 def test_open_source_auto_split_of_fashion_mnist_is_test(tmp_path, monkeypatch):
     # No IDX files anywhere, so fashion_mnist falls back to (mock) tfds.
     monkeypatch.setattr(
-        sources, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "absent")
+        fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "absent")
     )
     with tfds.testing.mock_data(num_examples=3, policy=MOCK):
-        source = sources.open_source(
+        source = registry.open_source(
             "fashion_mnist", "auto", data_dir=str(tmp_path)
         )
     assert source.split == "test" and source.origin.startswith("tfds:")
@@ -214,7 +215,7 @@ def test_open_source_auto_split_of_fashion_mnist_is_test(tmp_path, monkeypatch):
 def test_open_source_tfds_slice_counts_and_reads_slice(
     tiny_dir, split, count, split_size
 ):
-    source = sources.open_source("tiny_tfds/full", split, data_dir=tiny_dir)
+    source = registry.open_source("tiny_tfds/full", split, data_dir=tiny_dir)
     ids = example_ids(source.dataset())
     assert source.split == split
     assert source.num_examples == count == len(ids)
@@ -226,7 +227,7 @@ def test_open_source_tfds_slice_counts_and_reads_slice(
 def test_open_source_tfds_slice_and_complement_partition_split(tiny_dir):
     head, tail = (
         example_ids(
-            sources.open_source(
+            registry.open_source(
                 "tiny_tfds/full", split, data_dir=tiny_dir
             ).dataset()
         )
@@ -240,7 +241,7 @@ def test_open_source_tfds_slice_and_complement_partition_split(tiny_dir):
 def test_source_dataset_tfds_host_shards_partition_split(
     tiny_dir, hosts, split
 ):
-    source = sources.open_source("tiny_tfds/full", split, data_dir=tiny_dir)
+    source = registry.open_source("tiny_tfds/full", split, data_dir=tiny_dir)
     shards = [
         example_ids(
             source.dataset(host_context(host, hosts), shuffle_files=True)
@@ -260,7 +261,7 @@ def test_source_dataset_tfds_host_shards_partition_split(
 
 def test_source_dataset_tfds_seeded_file_shuffle_repeats(tiny_dir):
     def order(seed):
-        source = sources.open_source(
+        source = registry.open_source(
             "tiny_tfds/full", "train", data_dir=tiny_dir, seed=seed
         )
         return example_ids(source.dataset(shuffle_files=True))
@@ -281,17 +282,17 @@ def test_open_source_tfds_bad_split_lists_splits(tiny_dir, split):
         r"train \(40\), validation \(6\), test \(8\);.*train\[:10%\]"
     )
     with pytest.raises(ValueError, match=message) as error:
-        sources.open_source("tiny_tfds/full", split, data_dir=tiny_dir)
+        registry.open_source("tiny_tfds/full", split, data_dir=tiny_dir)
     assert "\n" not in str(error.value)
 
 
 def test_open_source_tfds_empty_slice_is_rejected(tiny_dir):
     with pytest.raises(ValueError, match=r"'train\[:0\]'.*selects no examples"):
-        sources.open_source("tiny_tfds/full", "train[:0]", data_dir=tiny_dir)
+        registry.open_source("tiny_tfds/full", "train[:0]", data_dir=tiny_dir)
 
 
 def test_open_source_tfds_prepares_unprepared_builder_offline(tmp_path):
-    source = sources.open_source(
+    source = registry.open_source(
         "tiny_tfds/train_only", "train", data_dir=str(tmp_path)
     )
     assert source.num_examples == 40 and source.num_classes == 3
@@ -302,7 +303,7 @@ def test_open_source_unknown_tfds_name_suggests_close_name():
     with pytest.raises(
         ValueError, match=r"'cifar_10' is not a known.*did you mean .*cifar10"
     ):
-        sources.open_source("cifar_10", "train")
+        registry.open_source("cifar_10", "train")
 
 
 def test_open_source_imagenet2012_unprepared_explains_manual_download(
@@ -310,7 +311,7 @@ def test_open_source_imagenet2012_unprepared_explains_manual_download(
 ):
     manual = str(tmp_path / "downloads" / "manual")
     with pytest.raises(ValueError, match="manual download") as error:
-        sources.open_source("imagenet2012", "train", data_dir=str(tmp_path))
+        registry.open_source("imagenet2012", "train", data_dir=str(tmp_path))
     message = str(error.value)
     assert f"Put the files in {manual}" in message
     assert "ILSVRC2012_img_train.tar" in message  # tfds's instructions
@@ -329,4 +330,4 @@ def test_open_source_tfds_failed_download_names_cause_and_fix(
         match=r"'cifar10' is not prepared.*downloading it failed "
         r"\(ConnectionError: Max retries exceeded\).*tfds build cifar10",
     ):
-        sources.open_source("cifar10", "train", data_dir=str(tmp_path))
+        registry.open_source("cifar10", "train", data_dir=str(tmp_path))

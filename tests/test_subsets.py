@@ -15,7 +15,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclr_tf.data import sources, subsets
+from simclr_tf.data import subsets
+from simclr_tf.data.sources import base as source_lib
+from simclr_tf.data.sources import registry, synthetic
 
 # Class sizes 200, 57, 13, 3, 0, 1 (class 4 empty): at 10% they keep
 # 20, round(5.7)=6, round(1.3)=1, and 1 each for the classes smaller than
@@ -29,13 +31,13 @@ def _unbalanced_labels() -> np.ndarray:
     return np.random.default_rng(7).permutation(labels)  # interleave classes
 
 
-def _numbered_source(num_examples: int, num_classes: int) -> sources.Source:
+def _numbered_source(num_examples: int, num_classes: int) -> source_lib.Source:
     """Example i has every pixel i (< 256) and label i % num_classes."""
     index = np.arange(num_examples)
     images = np.broadcast_to(
         index[:, None, None, None], (num_examples, 2, 2, 1)
     )
-    return sources.from_arrays(
+    return source_lib.from_arrays(
         "numbered",
         "train",
         images.astype(np.uint8),
@@ -109,8 +111,8 @@ def test_class_balanced_indices_negative_seed_names_flag():
 
 
 def test_label_fraction_source_yields_examples_at_indices():
-    source = sources.synthetic(60, 8, 1, num_classes=3, seed=4)
-    images, labels = sources.synthetic_arrays(60, 8, 1, 3, seed=4)
+    source = synthetic.synthetic(60, 8, 1, num_classes=3, seed=4)
+    images, labels = synthetic.synthetic_arrays(60, 8, 1, 3, seed=4)
     subset = subsets.label_fraction_source(source, 0.25, seed=2)
     indices = subsets.class_balanced_indices(labels, 0.25, 3, seed=2)
     got = list(subset.dataset().as_numpy_iterator())
@@ -157,7 +159,7 @@ def test_label_fraction_source_bad_fraction_names_flag():
 
 
 def test_label_fraction_source_unlabelled_source_raises():
-    unlabelled = sources.from_arrays(
+    unlabelled = source_lib.from_arrays(
         "flat", "train", np.zeros((4, 2, 2, 1), np.uint8), np.full(4, -1), 0
     )
     with pytest.raises(ValueError, match="unlabelled"):
@@ -183,7 +185,7 @@ def test_open_source_imagenet_subset_under_mock_data(
     # serves random examples from the builder's features, never the network.
     policy = tfds.testing.MockPolicy.USE_CODE
     with tfds.testing.mock_data(num_examples=3, policy=policy):
-        source = sources.open_source(
+        source = registry.open_source(
             f"imagenet2012_subset/{config}", "train", data_dir=str(tmp_path)
         )
         examples = list(source.dataset().as_numpy_iterator())

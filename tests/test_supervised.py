@@ -14,8 +14,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf import cli, export, losses, run_eval, supervised, train
-from simclr_tf import config as config_lib
+from simclr_tf import cli, export, losses
+from simclr_tf.config import loading as config_loading
+from simclr_tf.config import schema as config_lib
+from simclr_tf.config import validation
+from simclr_tf.evaluation import run_eval
+from simclr_tf.training import builders, modes, train_state
+from simclr_tf.training import loop as training_loop
 
 _BASE = {
     "dataset": "synthetic",
@@ -43,7 +48,7 @@ def _config(model_dir, train_mode="pretrain", explicit=(), **values):
     flat = {**_BASE, "model_dir": str(model_dir), "train_mode": train_mode}
     flat.update(values)
     explicit = set(_BASE) | set(values) | set(explicit)
-    return config_lib.validate(config_lib.from_dict(flat, explicit=explicit))
+    return validation.validate(config_lib.from_dict(flat, explicit=explicit))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,7 @@ def pretrained(tmp_path_factory):
     with non-trivial weights and BN statistics (3 pretraining steps)."""
     model_dir = tmp_path_factory.mktemp("pretrained")
     config = _config(model_dir, learning_rate=0.5, warmup_epochs=0)
-    summary = train.run_training(config)
+    summary = training_loop.run_training(config)
     model = summary["state"].model
     prefix = summary["state"].manager.latest_checkpoint
     path = export.export_saved_model(
@@ -101,7 +106,7 @@ def test_lineareval_leaves_every_encoder_weight_and_bn_statistic(
     # The protocol's defaults reach the flags the test left unset.
     assert config.optim.optimizer == "momentum"
     assert config.optim.weight_decay == 0.0
-    state = train.run_training(config)["state"]
+    state = training_loop.run_training(config)["state"]
     model = state.model
     for path in _encoder_and_head_paths(model):
         value = next(v for v in model.variables if v.path == path).numpy()
@@ -124,8 +129,8 @@ def test_finetune_after_block_changes_only_later_layers(tmp_path, pretrained):
         ft_proj_selector=1,
         learning_rate=0.05,
     )
-    state = train.build_state(
-        config, train.setup_run(config), _train_source(config)
+    state = train_state.build_state(
+        config, train_state.setup_run(config), _train_source(config)
     )
     before = _snapshot(state.model)
     changed = _train_from_state(config, state)
@@ -155,7 +160,7 @@ def test_finetune_after_block_changes_only_later_layers(tmp_path, pretrained):
 
 
 def _train_source(config):
-    from simclr_tf import run_data
+    from simclr_tf.data import run_data
 
     return run_data.labelled_train_source(
         config, run_data.open_train_source(config)
@@ -164,7 +169,8 @@ def _train_source(config):
 
 def _train_from_state(config, state):
     """Runs config's steps on a built state; returns the paths that moved."""
-    from simclr_tf import run_data, train_step
+    from simclr_tf.data import run_data
+    from simclr_tf.training import train_step
 
     before = _snapshot(state.model)
     strategy = state.strategy
@@ -186,8 +192,8 @@ def test_finetune_minus_one_trains_the_stem(tmp_path, pretrained):
     config = _config(
         tmp_path, "finetune", checkpoint=prefix, learning_rate=0.05
     )
-    state = train.build_state(
-        config, train.setup_run(config), _train_source(config)
+    state = train_state.build_state(
+        config, train_state.setup_run(config), _train_source(config)
     )
     changed = _train_from_state(config, state)
     assert "initial_conv2d/kernel" in changed
@@ -200,9 +206,9 @@ def test_initialize_from_saved_model_equals_checkpoint(tmp_path, pretrained):
     config = _config(tmp_path, "finetune")
     models = []
     for path in (prefix, export_path, os.path.dirname(prefix)):
-        model = train.build_model(config, 10, 3)
+        model = builders.build_model(config, 10, 3)
         model(tf.zeros((1, 16, 16, 3)))
-        supervised.initialize_from(model, path)
+        modes.initialize_from(model, path)
         models.append(model)
     for model in models:
         variables = model.encoder.variables + model.projection_head.variables
@@ -214,15 +220,15 @@ def test_initialize_from_saved_model_equals_checkpoint(tmp_path, pretrained):
 def test_initialize_from_bad_paths_name_the_fix(tmp_path, pretrained):
     prefix, export_path, _ = pretrained
     wider = _config(tmp_path, "finetune", width_multiplier=0.25)
-    model = train.build_model(wider, 10, 3)
+    model = builders.build_model(wider, 10, 3)
     model(tf.zeros((1, 16, 16, 3)))
     for path in (prefix, export_path):
         with pytest.raises(ValueError, match="--width_multiplier|encoder fl"):
-            supervised.initialize_from(model, path)
+            modes.initialize_from(model, path)
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        supervised.initialize_from(model, str(tmp_path / "missing"))
+        modes.initialize_from(model, str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="without checkpoints"):
-        supervised.initialize_from(model, str(tmp_path))
+        modes.initialize_from(model, str(tmp_path))
 
 
 def test_distillation_loss_is_cross_entropy_of_softened_teacher():
@@ -256,16 +262,17 @@ def test_distillation_lowers_the_students_kl_to_the_teacher(tmp_path):
         distill_temperature=1.0,
         train_steps=15,
     )
-    from simclr_tf import run_data, train_step
+    from simclr_tf.data import run_data
+    from simclr_tf.training import train_step
 
     strategy = tf.distribute.get_strategy()
     source = run_data.open_train_source(config)
-    teacher_model = train.build_model(config, 10, 3)
+    teacher_model = builders.build_model(config, 10, 3)
     teacher_model(tf.zeros((1, 16, 16, 3)))
     # A confident teacher: scale its head so its softmax is far from uniform.
     head = teacher_model.supervised_head.dense
     head.kernel.assign(tf.random.normal(head.kernel.shape, seed=1) * 10.0)
-    state = train.build_state(config, strategy, source)
+    state = train_state.build_state(config, strategy, source)
     images = next(
         iter(run_data.eval_input(config, run_data.open_split(config, "test")))
     )["image"]
@@ -324,9 +331,9 @@ def test_distill_cli_with_a_finetuned_teacher_dir(tmp_path, pretrained):
     assert 0 <= result["eval/top_1"] <= result["eval/top_5"] <= 1
     # The teacher must predict the student's classes.
     with pytest.raises(ValueError, match="no logits_sup|output classes"):
-        supervised.load_teacher(
+        modes.load_teacher(
             export.export_saved_model(
-                train.build_model(_config(tmp_path, "pretrain"), 0, 3),
+                builders.build_model(_config(tmp_path, "pretrain"), 0, 3),
                 str(tmp_path / "headless"),
                 0,
                 image_shape=(16, 16, 3),
@@ -346,7 +353,9 @@ def test_label_fraction_trains_on_the_balanced_subset(tmp_path, pretrained):
     # synthetic train: 520 images, 52 per class -> 13 per class.
     labels = np.concatenate([y.numpy()[None] for _, y in source.dataset()])
     np.testing.assert_array_equal(np.bincount(labels), [13] * 10)
-    state = train.build_state(config, train.setup_run(config), source)
+    state = train_state.build_state(
+        config, train_state.setup_run(config), source
+    )
     assert state.schedule.steps_per_epoch == 130 // 32
 
 
@@ -384,7 +393,7 @@ def test_mode_defaults_apply_only_to_unset_flags(tmp_path):
 def test_supervised_flags_are_checked(tmp_path, values, message):
     flat = {**_BASE, "model_dir": str(tmp_path), **values}
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        config_lib.validate(config_lib.from_dict(flat, explicit=set(flat)))
+        validation.validate(config_lib.from_dict(flat, explicit=set(flat)))
 
 
 def test_watch_checkpoints_yields_each_new_one_and_stops_at_the_last(
@@ -443,8 +452,8 @@ def test_eval_mode_writes_a_result_per_checkpoint(tmp_path, pretrained):
     # Given only model_dir and the mode, the run's config.json supplies the
     # rest (architecture, data, train mode) and the score is the same.
     given = {"model_dir": str(tmp_path), "mode": "eval"}
-    saved = config_lib.saved_run_config(given)
-    bare = config_lib.validate(config_lib.over_saved_run(saved, given))
+    saved = config_loading.saved_run_config(given)
+    bare = validation.validate(config_loading.over_saved_run(saved, given))
     assert bare.train.train_mode == "finetune"
     assert cli.run(bare)["eval/top_1"] == trained["eval/top_1"]
 

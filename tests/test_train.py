@@ -14,9 +14,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf import config as config_lib
-from simclr_tf import knn, run_data, train, train_step
-from simclr_tf.data import augment, sources
+from simclr_tf.config import schema as config_lib
+from simclr_tf.config import validation
+from simclr_tf.data import run_data
+from simclr_tf.data.augment import image as augment
+from simclr_tf.data.sources import synthetic
+from simclr_tf.evaluation import knn
+from simclr_tf.training import builders, train_state, train_step
+from simclr_tf.training import loop as training_loop
+from simclr_tf.training import schedule as schedule_lib
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,15 +89,15 @@ def _resume(
 
 
 def _tiny_config(model_dir: str, **changes) -> config_lib.Config:
-    return config_lib.validate(
+    return validation.validate(
         config_lib.from_dict({**TINY, "model_dir": model_dir, **changes})
     )
 
 
 def test_is_due_every_multiple_and_at_the_end():
-    due = [step for step in range(1, 11) if train.is_due(step, 3, 10)]
+    due = [step for step in range(1, 11) if train_state.is_due(step, 3, 10)]
     assert due == [3, 6, 9, 10]
-    assert [s for s in range(1, 6) if train.is_due(s, 0, 5)] == [5]
+    assert [s for s in range(1, 6) if train_state.is_due(s, 0, 5)] == [5]
 
 
 def test_resolve_schedule_matches_google_research_formulas():
@@ -103,7 +109,7 @@ def test_resolve_schedule_matches_google_research_formulas():
             "checkpoint_epochs": 1,
         }
     )
-    schedule = train.resolve_schedule(config.train, config.optim, 60000)
+    schedule = train_state.resolve_schedule(config.train, config.optim, 60000)
     # GR: total = N*epochs//B + 1, warm-up = round(epochs_w*N//B).
     assert schedule.steps_per_epoch == 60000 // 256 == 234
     assert schedule.total_steps == 60000 * 3 // 256 + 1 == 704
@@ -115,7 +121,7 @@ def test_resolve_schedule_train_steps_override_epochs():
     config = config_lib.from_dict(
         {"train_batch_size": 32, "train_steps": 7, "checkpoint_steps": 3}
     )
-    schedule = train.resolve_schedule(config.train, config.optim, 512)
+    schedule = train_state.resolve_schedule(config.train, config.optim, 512)
     assert schedule.total_steps == 7
     assert schedule.checkpoint_every == 3
 
@@ -123,11 +129,11 @@ def test_resolve_schedule_train_steps_override_epochs():
 def test_resolve_schedule_rejects_batch_larger_than_split():
     config = config_lib.from_dict({"train_batch_size": 1024})
     with pytest.raises(ValueError, match="--train_batch_size=1024"):
-        train.resolve_schedule(config.train, config.optim, 512)
+        train_state.resolve_schedule(config.train, config.optim, 512)
 
 
 def test_loop_lengths_stop_at_checkpoints_and_the_end():
-    schedule = train.Schedule(
+    schedule = train_state.Schedule(
         steps_per_epoch=10,
         total_steps=25,
         warmup_steps=0,
@@ -136,14 +142,14 @@ def test_loop_lengths_stop_at_checkpoints_and_the_end():
     )
     step, lengths = 0, []
     while step < schedule.total_steps:
-        length = train._steps_until_boundary(step, schedule)
+        length = schedule_lib.steps_until_boundary(step, schedule)
         lengths.append(length)
         step += length
     assert lengths == [4, 4, 2, 4, 4, 2, 4, 1]
     # A monitor every 6 steps also ends loops at 6, 12, 18, 24.
     step, ends = 0, []
     while step < schedule.total_steps:
-        step += train._steps_until_boundary(step, schedule, 6)
+        step += schedule_lib.steps_until_boundary(step, schedule, 6)
         ends.append(step)
     assert ends == [4, 6, 10, 12, 16, 18, 20, 24, 25]
 
@@ -151,7 +157,7 @@ def test_loop_lengths_stop_at_checkpoints_and_the_end():
 @pytest.mark.parametrize(("batch", "replicas"), [(30, 4), (4, 4)])
 def test_check_batch_rejects_bad_per_replica_batch(batch, replicas):
     with pytest.raises(ValueError, match=f"--train_batch_size={batch}"):
-        train.check_batch_divides(batch, replicas)
+        train_state.check_batch_divides(batch, replicas)
 
 
 def test_tiny_overfit_contrast_accuracy_rises(tmp_path):
@@ -164,9 +170,9 @@ def test_tiny_overfit_contrast_accuracy_rises(tmp_path):
         train_steps=100,
         lineareval_while_pretraining=False,
     )
-    source = sources.synthetic(16, image_size=16, channels=3, seed=3)
+    source = synthetic.synthetic(16, image_size=16, channels=3, seed=3)
     strategy = tf.distribute.get_strategy()
-    state = train.build_state(config, strategy, source)
+    state = train_state.build_state(config, strategy, source)
     images = np.stack(
         [image for image, _ in source.dataset().as_numpy_iterator()]
     )
@@ -213,19 +219,19 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     good = _tiny_config(
         model_dir, train_steps=4, checkpoint_steps=2, steps_per_loop=2
     )
-    summary = train.run_training(good)
+    summary = training_loop.run_training(good)
     assert summary["step"] == 4
     saved = [v.numpy() for v in summary["state"].model.weights]
     # Momentum SGD with lr 1e30 overflows float32 weights in one step.
     bad = config_lib.replace(
         good, optimizer="momentum", learning_rate=1e30, train_steps=8
     )
-    with pytest.raises(train.NonFiniteLossError) as error:
-        train.run_training(bad)
+    with pytest.raises(training_loop.NonFiniteLossError) as error:
+        training_loop.run_training(bad)
     message = str(error.value)
     assert "steps 5..6" in message and "ckpt-4" in message
     assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-4")
-    restored = train.restore_for_eval(good)["state"].model.weights
+    restored = train_state.restore_for_eval(good)["state"].model.weights
     for before, after in zip(saved, restored, strict=True):
         np.testing.assert_array_equal(before, after.numpy())
 
@@ -256,10 +262,10 @@ def test_killed_run_resumes_at_saved_step(tmp_path):
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
-    train.run_training(_tiny_config(str(tmp_path), train_steps=2))
+    training_loop.run_training(_tiny_config(str(tmp_path), train_steps=2))
     other = _tiny_config(str(tmp_path), train_steps=4, width_multiplier=0.25)
     with pytest.raises(ValueError, match="does not match this model"):
-        train.run_training(other)
+        training_loop.run_training(other)
     # The good checkpoint is still the latest one.
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
 
@@ -271,16 +277,16 @@ def _two_step_losses(config, make_iterator) -> list[float]:
     is built, with the global seed reset first (tf.data mixes it in).
     """
     keras.utils.set_random_seed(0)
-    model = train.build_model(config, 10, 3)
+    model = builders.build_model(config, 10, 3)
     model(tf.zeros((1, 16, 16, 3)))
-    schedule = train.Schedule(
+    schedule = train_state.Schedule(
         steps_per_epoch=10,
         total_steps=100,
         warmup_steps=0,
         checkpoint_every=0,
         steps_per_loop=1,
     )
-    optimizer = train.build_optimizer(config, schedule)
+    optimizer = builders.build_optimizer(config, schedule)
     loop = train_step.make_train_loop(
         tf.distribute.get_strategy(),
         train_step.make_train_step(config, model, optimizer, 1),
@@ -344,7 +350,7 @@ def test_augment_on_device_step_matches_host_augmentation():
     Same seed, same initial weights: the step distorts the crops itself
     (compiled with XLA, as on a TPU) and must see the same views.
     """
-    source = sources.synthetic(num_examples=16, image_size=16, seed=0)
+    source = synthetic.synthetic(num_examples=16, image_size=16, seed=0)
     losses = {}
     for on_device in (False, True):
         config = _tiny_config(
@@ -381,7 +387,7 @@ def test_knn_monitor_writes_tensorboard_at_its_steps(tmp_path):
         knn_max_train_examples=64,
         max_eval_examples=32,
     )
-    summary = train.run_training(config)
+    summary = training_loop.run_training(config)
     values = {}
     for name in os.listdir(tmp_path / "train"):
         path = str(tmp_path / "train" / name)

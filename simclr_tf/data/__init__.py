@@ -1,0 +1,1 @@
+"""Data: sources, augmentations and the tf.data input pipelines."""

@@ -14,7 +14,11 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from simclr_tf.data import augment, augment_batch, crop, random_ops, sources
+from simclr_tf.data.augment import batch as augment_batch
+from simclr_tf.data.augment import crop
+from simclr_tf.data.augment import image as augment
+from simclr_tf.data.augment import randomness as random_ops
+from simclr_tf.data.sources import base as source_lib
 
 InputFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 AUTOTUNE = tf.data.AUTOTUNE
@@ -71,7 +75,7 @@ def _element_seeds(
 
 
 def _training_examples(
-    source: sources.Source,
+    source: source_lib.Source,
     input_context: tf.distribute.InputContext,
     per_replica_batch_size: int,
     image_size: int,
@@ -168,44 +172,8 @@ def _finish(data: tf.data.Dataset, seed: int | None) -> tf.data.Dataset:
     return data.with_options(options)
 
 
-def distort_views(
-    views: tf.Tensor,
-    view_seeds: tf.Tensor,
-    *,
-    color_jitter_strength: float,
-    blur: bool,
-    brightness_impl: str = "v2",
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Completes cropped views: colour jitter, grayscale, blur, clip.
-
-    The train step calls it under --augment_on_device, the pipeline
-    otherwise; the values are the same.
-
-    Args:
-      views: ([b, S, S, C], [b, S, S, C]) float crops, view1 and view2.
-      view_seeds: int32 [b, 2, 2], image i's two view seeds.
-      color_jitter_strength: s in [0, 1.25].
-      blur: apply the random Gaussian blur.
-      brightness_impl: "v2" multiplicative (GR default) or "v1" additive.
-
-    Returns:
-      (view1, view2), each [b, S, S, C] float32 in [0, 1].
-    """
-    images = tf.concat(list(views), axis=0)
-    seeds = tf.concat([view_seeds[:, 0], view_seeds[:, 1]], axis=0)
-    distorted = augment_batch.distort_batch(
-        images,
-        seeds,
-        color_jitter_strength=color_jitter_strength,
-        blur=blur,
-        brightness_impl=brightness_impl,
-    )
-    view1, view2 = tf.split(distorted, 2, axis=0)
-    return view1, view2
-
-
 def pretrain_input_fn(
-    source: sources.Source,
+    source: source_lib.Source,
     *,
     global_batch_size: int,
     image_size: int,
@@ -297,7 +265,9 @@ def pretrain_input_fn(
             return batch
         batch = dict(batch)
         views = (batch.pop("view1"), batch.pop("view2"))
-        view1, view2 = distort_views(views, batch.pop("view_seeds"), **options)
+        view1, view2 = augment_batch.distort_views(
+            views, batch.pop("view_seeds"), **options
+        )
         return {"view1": view1, "view2": view2, **batch}
 
     return _training_input_fn(
@@ -312,7 +282,7 @@ def pretrain_input_fn(
 
 
 def finetune_input_fn(
-    source: sources.Source,
+    source: source_lib.Source,
     *,
     global_batch_size: int,
     image_size: int,
@@ -370,7 +340,7 @@ def finetune_input_fn(
 
 
 def _training_input_fn(
-    source: sources.Source,
+    source: source_lib.Source,
     global_batch_size: int,
     image_size: int,
     seed: int | None,
@@ -399,7 +369,7 @@ def _training_input_fn(
 
 
 def eval_dataset(
-    source: sources.Source,
+    source: source_lib.Source,
     *,
     batch_size: int,
     image_size: int,

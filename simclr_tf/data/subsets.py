@@ -1,9 +1,9 @@
 """Class-balanced label fractions for semi-supervised fine-tuning.
 
-`label_fraction_source` turns a labelled `sources.Source` into one holding a
+`label_fraction_source` turns a labelled `source_lib.Source` into one holding a
 fixed, seeded fraction of each class (SimCLRv2's 1% / 10% settings on any
 dataset). ImageNet's published subsets need no code here: they are the tfds
-builder configs "imagenet2012_subset/1pct" and "/10pct" (sources.open_source).
+builder configs "imagenet2012_subset/1pct" and "/10pct" (registry.open_source).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from simclr_tf.data import sources
+from simclr_tf.data.sources import base as source_lib
 
 # Labels are read in batches of this many: one numpy copy per batch.
 _LABEL_BATCH = 4096
@@ -109,7 +109,7 @@ def class_balanced_indices(
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def read_labels(source: sources.Source) -> np.ndarray:
+def read_labels(source: source_lib.Source) -> np.ndarray:
     """All labels of `source`, in its fixed (unshuffled) order.
 
     One pass over `source.dataset()`; images are still read and decoded, so
@@ -126,8 +126,8 @@ def read_labels(source: sources.Source) -> np.ndarray:
 
 
 def _subset_loader(
-    source: sources.Source, indices: np.ndarray, num_read: int
-) -> sources.Loader:
+    source: source_lib.Source, indices: np.ndarray, num_read: int
+) -> source_lib.Loader:
     """A loader yielding source examples at `indices`, in index order.
 
     Host i of n keeps subset positions i::n (as the array sources shard).
@@ -157,8 +157,8 @@ def _subset_loader(
 
 
 def label_fraction_source(
-    source: sources.Source, fraction: float, seed: int | None
-) -> sources.Source:
+    source: source_lib.Source, fraction: float, seed: int | None
+) -> source_lib.Source:
     """`source` reduced to a class-balanced fraction of its examples.
 
     Reads the labels once (`read_labels`), picks examples with

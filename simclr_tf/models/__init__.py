@@ -1,0 +1,1 @@
+"""Encoders and heads: ResNets (SK, SE), projection and linear heads, BN."""

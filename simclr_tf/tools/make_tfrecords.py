@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from simclr_tf.data import folder, tfrecord
+from simclr_tf.data.sources import folder, tfrecord
 
 _MAX_EXAMPLE_PATHS = 10  # skipped paths recorded per reason
 

@@ -17,22 +17,19 @@ from collections.abc import Callable, Iterator
 import tensorflow as tf
 from absl import logging
 
-from simclr_tf import config as config_lib
-from simclr_tf import (
-    linear_protocol,
-    reporting,
-    run_data,
-    runtime,
-    supervised,
-    train,
-)
-from simclr_tf.data import sources
+from simclr_tf import file_io, runtime
+from simclr_tf.config import schema as config_lib
+from simclr_tf.data import run_data
+from simclr_tf.data.sources import base as source_lib
+from simclr_tf.evaluation import protocol
+from simclr_tf.training import schedule as schedule_lib
+from simclr_tf.training import train_state
 
 
 def evaluate_state(
     config: config_lib.Config,
-    state: train.TrainState,
-    source: sources.Source | None = None,
+    state: train_state.TrainState,
+    source: source_lib.Source | None = None,
 ) -> dict[str, object]:
     """Metrics of the model in `state` on --eval_split, named as in TB.
 
@@ -43,15 +40,15 @@ def evaluate_state(
 
     Returns:
       eval/split, eval/top_1, eval/top_5, ... (pretraining adds kNN and the
-      baselines: see linear_protocol.run_linear_eval).
+      baselines: see protocol.run_linear_eval).
     """
     if config.train.train_mode == "pretrain":
-        return linear_protocol.run_linear_eval(config, state, source)
+        return protocol.run_linear_eval(config, state, source)
     started = time.time()
     test_source = run_data.open_split(config, config.data.eval_split)
     test_data = run_data.eval_input(config, test_source)
-    scores = supervised.evaluate_classifier(state.model, test_data)
-    linear_protocol.write_run_reports(
+    scores = protocol.evaluate_classifier(state.model, test_data)
+    protocol.write_run_reports(
         config,
         state,
         test_data,
@@ -72,7 +69,7 @@ def evaluate_state(
         scores["num_test"],
         test_source.split,
     )
-    linear_protocol.write_scalars(config, state, result)
+    protocol.write_scalars(config, state, result)
     return result
 
 
@@ -131,7 +128,7 @@ def watch_checkpoints(
 
 def run_eval_loop(
     config: config_lib.Config,
-    source: sources.Source,
+    source: source_lib.Source,
     base_result: dict[str, object],
 ) -> dict[str, object]:
     """--mode=eval: evaluates each new checkpoint of model_dir once.
@@ -149,9 +146,9 @@ def run_eval_loop(
       FileNotFoundError: no checkpoint appeared within the timeout.
     """
     _check_something_to_watch(config.model_dir)
-    strategy = train.setup_run(config)
+    strategy = train_state.setup_run(config)
     if config.train.train_mode != "pretrain":
-        train.check_labelled(config, source)
+        train_state.check_labelled(config, source)
         source = run_data.labelled_train_source(config, source)
     state = None
     result: dict[str, object] = {}
@@ -162,17 +159,17 @@ def run_eval_loop(
     ):
         started = time.time()
         if state is None:
-            state = train.build_state(config, strategy, source)
+            state = train_state.build_state(config, strategy, source)
         state.manager.checkpoint.restore(prefix).expect_partial()
         logging.info("evaluating %s (step %d)", prefix, step)
         result = {**base_result, "step": step, "checkpoint": prefix}
         result.update(evaluate_state(config, state, source))
         result["wall_seconds"] = time.time() - started
         if runtime.is_chief(strategy):
-            path = reporting.write_result(
+            path = file_io.write_result(
                 config.model_dir, result, f"result_{step}.json"
             )
-            reporting.write_result(config.model_dir, result)
+            file_io.write_result(config.model_dir, result)
             logging.info("wrote %s", path)
     if not result:
         raise FileNotFoundError(
@@ -202,9 +199,9 @@ def _check_something_to_watch(model_dir: str) -> None:
     )
 
 
-def _last_step(config: config_lib.Config, source: sources.Source) -> int:
+def _last_step(config: config_lib.Config, source: source_lib.Source) -> int:
     """The run's final step, from the same schedule as training."""
-    schedule = train.resolve_schedule(
+    schedule = schedule_lib.resolve_schedule(
         config.train, config.optim, source.num_examples
     )
     return schedule.total_steps

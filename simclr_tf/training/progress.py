@@ -1,25 +1,21 @@
-"""Run reporting: console progress lines, TensorBoard scalars, config.json,
-result.json. Only the chief calls the writers; nothing here trains.
+"""What a training run reports as it goes: the plan, console progress
+lines, TensorBoard scalars and config.json. Only the chief calls the
+writers; nothing here trains.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
-import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from simclr_tf import config as config_lib
-from simclr_tf.data import sources
-
-if TYPE_CHECKING:
-    from simclr_tf import train
-
+from simclr_tf import file_io
+from simclr_tf.config import schema as config_lib
+from simclr_tf.data.sources import base as source_lib
+from simclr_tf.training import train_state
 
 # Console names of the loop metrics, in order; a run logs those it has.
 _PROGRESS_METRICS = (
@@ -57,7 +53,7 @@ def summary_writer(
 ) -> tf.summary.SummaryWriter | None:
     if not chief:
         return None
-    return tf.summary.create_file_writer(os.path.join(model_dir, "train"))
+    return tf.summary.create_file_writer(file_io.join(model_dir, "train"))
 
 
 def write_scalars(
@@ -77,16 +73,18 @@ def write_scalars(
     writer.flush()
 
 
-def write_config(config: config_lib.Config) -> None:
-    os.makedirs(config.model_dir, exist_ok=True)
-    with open(os.path.join(config.model_dir, "config.json"), "w") as file:
-        file.write(config.to_json())
+def write_config(config: config_lib.Config) -> str:
+    """Writes model_dir/config.json (the resolved config); returns its path."""
+    file_io.makedirs(config.model_dir)
+    return file_io.write_text(
+        file_io.join(config.model_dir, "config.json"), config.to_json()
+    )
 
 
 def log_plan(
     config: config_lib.Config,
-    state: train.TrainState,
-    source: sources.Source,
+    state: train_state.TrainState,
+    source: source_lib.Source,
 ) -> None:
     schedule = state.schedule
     parameters = int(
@@ -110,39 +108,3 @@ def log_plan(
         config.model_dir,
     )
     logging.info("config:\n%s", config.to_json())
-
-
-MAX_EXAMPLE_PATHS = 10
-
-
-def skipped_files(source: sources.Source) -> dict[str, object]:
-    """result.json entries for the files the source could not read.
-
-    Returns:
-      {} when nothing was skipped, else {"data/skipped_files": total,
-      "data/skipped_by_reason": {reason: count}, "data/skipped_examples":
-      {reason: up to 10 paths}}.
-    """
-    counts = source.skip_counts()
-    if not counts:
-        return {}
-    return {
-        "data/skipped_files": sum(counts.values()),
-        "data/skipped_by_reason": counts,
-        "data/skipped_examples": {
-            reason: list(paths[:MAX_EXAMPLE_PATHS])
-            for reason, paths in source.skipped.items()
-        },
-    }
-
-
-def write_result(
-    model_dir: str, result: Mapping[str, object], name: str = "result.json"
-) -> str:
-    """Writes model_dir/<name> atomically and returns its path."""
-    path = os.path.join(model_dir, name)
-    temporary = path + ".tmp"
-    with open(temporary, "w") as file:
-        json.dump(result, file, indent=2, sort_keys=True, default=str)
-    os.replace(temporary, path)
-    return path

@@ -2,7 +2,7 @@
 
 `list_folder` resolves a split to a directory, finds the images and their
 labels and checks that they decode; `open_folder` wraps that listing in a
-`sources.Source`. Decoding itself lives in decode.py.
+`base.Source`. Decoding itself lives in decode.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from simclr_tf.data import decode, sources
+from simclr_tf.data.sources import base, decode
 
 # Candidate images, by lower-cased extension; the format is then read from
 # the bytes, so a PNG named .jpg is kept.
@@ -309,7 +309,7 @@ def _read_example(path: tf.Tensor, label: tf.Tensor) -> tuple:
     return decode.decode_rgb(tf.io.read_file(path)), label
 
 
-def _folder_loader(listing: FolderListing, seed: int | None) -> sources.Loader:
+def _folder_loader(listing: FolderListing, seed: int | None) -> base.Loader:
     """A loader over the listing; host i of n reads files i::n."""
     all_paths = np.array(listing.paths, dtype=object)
 
@@ -345,7 +345,7 @@ def open_folder(
     *,
     seed: int | None = None,
     verify: bool = True,
-) -> sources.Source:
+) -> base.Source:
     """Opens one split of an image folder as a Source (see `list_folder`).
 
     Args:
@@ -375,9 +375,9 @@ def open_folder(
         listing.num_classes,
         sum(len(paths) for paths in listing.skipped.values()),
     )
-    if split == sources.AUTO_SPLIT:  # record the folder it resolved to
+    if split == base.AUTO_SPLIT:  # record the folder it resolved to
         split = os.path.basename(listing.root)
-    return sources.Source(
+    return base.Source(
         name="folder",
         split=split,
         num_examples=len(listing.paths),

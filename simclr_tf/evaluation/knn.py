@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from simclr_tf import evaluate
+from simclr_tf.evaluation import extract, linear
 
 # exp(1 / temperature) must stay finite in float32 (max ~3.4e38 = e^88.7)
 # after summing up to ~1e9 votes: 1 / 0.02 = 50 leaves a wide margin. Peers
@@ -167,7 +167,7 @@ def knn_accuracy(
 
     The prediction is the class of highest score. Unlike an argmax, a tie
     between the label's score and another class counts as a miss (as in
-    evaluate.top_k_accuracy); this matters only for classes without votes
+    linear.top_k_accuracy); this matters only for classes without votes
     (score 0) in top-5, where peers' argsort picks arbitrary zero classes.
 
     Args:
@@ -206,8 +206,8 @@ def knn_accuracy(
         )
     num_train = int(np.asarray(train_labels).shape[0])
     return {
-        "top_1": evaluate.top_k_accuracy(scores, test_labels, 1),
-        "top_5": evaluate.top_k_accuracy(
+        "top_1": linear.top_k_accuracy(scores, test_labels, 1),
+        "top_5": linear.top_k_accuracy(
             scores, test_labels, min(5, num_classes)
         ),
         "k": min(k, num_train),
@@ -241,7 +241,7 @@ def encoder_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Encoder features of a batched eval dataset, BN in inference mode.
 
-    A thin wrapper over evaluate.extract_features, which calls the model
+    A thin wrapper over extract.extract_features, which calls the model
     with training=False inside a tf.function.
 
     Args:
@@ -266,7 +266,7 @@ def encoder_features(
         )
     if max_examples:
         dataset = _first_examples(dataset, max_examples)
-    return evaluate.extract_features(model, dataset, feature_key=feature_key)
+    return extract.extract_features(model, dataset, feature_key=feature_key)
 
 
 def knn_eval(

@@ -14,7 +14,8 @@ from typing import Literal
 
 import tensorflow as tf
 
-from simclr_tf.data import crop, random_ops
+from simclr_tf.data.augment import crop
+from simclr_tf.data.augment import randomness as random_ops
 
 BrightnessImpl = Literal["v1", "v2"]
 MAX_COLOR_JITTER_STRENGTH = 1.25  # 1 - 0.8 s must stay >= 0.

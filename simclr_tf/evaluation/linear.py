@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -71,113 +68,6 @@ def _standardize(
     """(x - mean) / std computed in float64, returned as float32."""
     centred = features.astype(np.float64) - mean.astype(np.float64)
     return (centred / std.astype(np.float64)).astype(np.float32)
-
-
-def _as_encode_fn(encode_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Forces inference mode when encode_fn is a Keras layer or model."""
-    if isinstance(encode_fn, keras.Layer):
-        model = encode_fn
-        return lambda images: model(images, training=False)
-    return encode_fn
-
-
-def _select_features(outputs: object, feature_key: str) -> tf.Tensor:
-    """Picks feature_key from a dict output and flattens to [b, -1] float32."""
-    if isinstance(outputs, Mapping):
-        if feature_key not in outputs:
-            raise ValueError(
-                f"feature_key={feature_key!r} is not among the encoder "
-                f"outputs {sorted(outputs)}; pass one of those names."
-            )
-        outputs = outputs[feature_key]
-    outputs = tf.convert_to_tensor(outputs)
-    return tf.cast(tf.reshape(outputs, [tf.shape(outputs)[0], -1]), tf.float32)
-
-
-def _check_batch(batch: object) -> tuple[Any, Any]:
-    """Returns (images, labels) of one batch dict, validating the layout."""
-    if not isinstance(batch, Mapping) or "image" not in batch:
-        raise ValueError(
-            "dataset must yield dicts with 'image' [b, H, W, C] and 'label' "
-            f"[b]; got {type(batch).__name__}. Batch the dataset first."
-        )
-    images, labels = batch["image"], batch.get("label")
-    if len(images.shape) != 4 or labels is None or len(labels.shape) != 1:
-        raise ValueError(
-            f"batch 'image' has shape {tuple(images.shape)} and 'label' "
-            f"{None if labels is None else tuple(labels.shape)}; expected "
-            "[b, H, W, C] and [b]. Batch the dataset (e.g. .batch(256))."
-        )
-    return images, labels
-
-
-def _collect(
-    dataset: Iterable[Mapping[str, Any]], to_features: Callable[..., Any]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Maps every batch through to_features and concatenates the rows."""
-    feature_parts, label_parts = [], []
-    for batch in dataset:
-        images, labels = _check_batch(batch)
-        feature_parts.append(np.asarray(to_features(images), np.float32))
-        label_parts.append(np.asarray(labels, np.int64))
-    if not feature_parts:
-        raise ValueError("dataset is empty; it must yield at least one batch.")
-    return np.concatenate(feature_parts), np.concatenate(label_parts)
-
-
-def extract_features(
-    encode_fn: Callable[..., Any],
-    dataset: Iterable[Mapping[str, Any]],
-    *,
-    feature_key: str = "final_avg_pool",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Runs a frozen encoder over a batched dataset once.
-
-    Args:
-        encode_fn: maps [b, H, W, C] float32 images in [0, 1] to a dict of
-            tensors or to one tensor. A keras.Layer / keras.Model is called
-            with training=False (BN uses its moving statistics and is not
-            updated); a plain callable must do so itself.
-        dataset: yields dicts {"image": [b, H, W, C] float32 in [0, 1],
-            "label": [b] int}; the last batch may be shorter.
-        feature_key: which output to use when encode_fn returns a dict.
-            Outputs of rank > 2 are flattened to [b, -1].
-
-    Returns:
-        (features [n, F] float32, labels [n] int64), n = examples in dataset.
-
-    Raises:
-        ValueError: if the dataset is empty or not batched dicts, or
-            feature_key is not an output name.
-    """
-    encode = tf.function(_as_encode_fn(encode_fn), reduce_retracing=True)
-
-    def to_features(images: tf.Tensor) -> tf.Tensor:
-        return _select_features(encode(images), feature_key)
-
-    return _collect(dataset, to_features)
-
-
-def pixel_features(
-    dataset: Iterable[Mapping[str, Any]],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Raw-pixel baseline: each image flattened in row-major (H, W, C) order.
-
-    Args:
-        dataset: as for extract_features.
-
-    Returns:
-        (features [n, H*W*C] float32, labels [n] int64).
-
-    Raises:
-        ValueError: if the dataset is empty or not batched dicts.
-    """
-
-    def to_features(images: tf.Tensor | np.ndarray) -> np.ndarray:
-        images = np.asarray(images, np.float32)
-        return images.reshape(images.shape[0], -1)
-
-    return _collect(dataset, to_features)
 
 
 def _check_training_inputs(

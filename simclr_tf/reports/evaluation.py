@@ -1,14 +1,14 @@
-"""Evaluation metrics and feature reports, written to disk and TensorBoard.
+"""The reports of an evaluation, written to disk and TensorBoard.
 
-Per-class precision/recall/F1 (numpy, no sklearn.metrics), t-SNE of encoder
-features, cosine nearest neighbours, a TensorBoard projector directory, and
-write_reports, which saves them with pictures drawn by report_images.
+t-SNE of encoder features, cosine nearest neighbours, a TensorBoard
+projector directory, and write_reports, which saves them with the per-class
+metrics (metrics.py) and pictures drawn by images.py. Every file goes
+through file_io, so reports land in a gs:// model_dir too.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,150 +18,11 @@ from PIL import Image
 from sklearn import manifold
 from tensorboard.plugins import projector
 
-from simclr_tf import report_images
+from simclr_tf import file_io
+from simclr_tf.reports import images as report_images
+from simclr_tf.reports import metrics
 
 PROJECTOR_TENSOR = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
-
-
-# ---------------------------------------------------------------- metrics
-
-
-def confusion_matrix(
-    labels: np.ndarray, predictions: np.ndarray, num_classes: int
-) -> np.ndarray:
-    """Counts of (true, predicted) pairs.
-
-    Args:
-      labels: [n] integer true classes in [0, num_classes).
-      predictions: [n] integer predicted classes in [0, num_classes).
-      num_classes: C >= 1.
-
-    Returns:
-      [C, C] int64; entry (i, j) counts examples of class i predicted as j.
-
-    Raises:
-      ValueError: on a shape mismatch, non-integer values or a class outside
-        [0, num_classes).
-    """
-    labels = _class_ids(labels, "labels", num_classes)
-    predictions = _class_ids(predictions, "predictions", num_classes)
-    if labels.shape != predictions.shape:
-        raise ValueError(
-            f"labels {labels.shape} and predictions {predictions.shape} must "
-            "have the same [n] shape; pass one prediction per label."
-        )
-    flat = labels * num_classes + predictions
-    counts = np.bincount(flat, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes).astype(np.int64)
-
-
-def _class_ids(values: np.ndarray, name: str, num_classes: int) -> np.ndarray:
-    if int(num_classes) < 1:
-        raise ValueError(f"num_classes={num_classes} must be >= 1.")
-    array = np.asarray(values)
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be 1-D [n]; got shape {array.shape}.")
-    if array.size and not np.all(np.equal(np.mod(array, 1), 0)):
-        raise ValueError(f"{name} must hold integer class ids; got floats.")
-    array = array.astype(np.int64)
-    bad = (array < 0) | (array >= num_classes)
-    if np.any(bad):
-        raise ValueError(
-            f"{name} must lie in [0, num_classes={num_classes}); found "
-            f"{array[bad][:5].tolist()}. Check num_classes or the label map."
-        )
-    return array
-
-
-def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """numerator / denominator, 0 where the denominator is 0, no warnings."""
-    out = np.zeros(np.shape(numerator), np.float64)
-    np.divide(numerator, denominator, out=out, where=denominator != 0)
-    return out
-
-
-def classification_report(
-    labels: np.ndarray, predictions: np.ndarray, num_classes: int
-) -> dict:
-    """Per-class precision, recall, F1 and support, plus macro averages.
-
-    A class never predicted has precision 0, one with no examples recall 0,
-    and F1 is 0 when precision + recall == 0 (sklearn's zero_division=0).
-    Macro averages weigh every class equally, absent classes included.
-
-    Args:
-      labels: [n] integer true classes in [0, num_classes).
-      predictions: [n] integer predicted classes in [0, num_classes).
-      num_classes: C >= 1.
-
-    Returns:
-      {"per_class": [{"class", "precision", "recall", "f1", "support"}] * C,
-       "macro_precision", "macro_recall", "macro_f1", "accuracy"}; plain
-      Python floats and ints, ready for json.
-
-    Raises:
-      ValueError: as confusion_matrix.
-    """
-    matrix = confusion_matrix(labels, predictions, num_classes)
-    true_positives = np.diag(matrix).astype(np.float64)
-    support = matrix.sum(axis=1)
-    precision = _safe_divide(true_positives, matrix.sum(axis=0))
-    recall = _safe_divide(true_positives, support)
-    f1 = _safe_divide(2.0 * precision * recall, precision + recall)
-    per_class = [
-        {
-            "class": index,
-            "precision": float(precision[index]),
-            "recall": float(recall[index]),
-            "f1": float(f1[index]),
-            "support": int(support[index]),
-        }
-        for index in range(num_classes)
-    ]
-    total = int(matrix.sum())
-    return {
-        "per_class": per_class,
-        "macro_precision": float(precision.mean()),
-        "macro_recall": float(recall.mean()),
-        "macro_f1": float(f1.mean()),
-        "accuracy": float(true_positives.sum() / total) if total else 0.0,
-    }
-
-
-def format_report(
-    report: dict, class_names: Sequence[str] | None = None
-) -> str:
-    """A fixed-width table of a classification_report, one row per class.
-
-    Args:
-      report: the dict classification_report returns.
-      class_names: optional name per class index, shown after the index.
-
-    Returns:
-      Text lines: a header, one row per class, then macro avg and accuracy.
-    """
-    rows = report["per_class"]
-    names = [
-        report_images.class_label(row["class"], class_names) for row in rows
-    ]
-    width = min(max([len(name) for name in names] + [9]), 32)
-    header = f"{'class':<{width}}  precision  recall      f1  support"
-    lines = [header, "-" * len(header)]
-    for name, row in zip(names, rows, strict=True):
-        lines.append(
-            f"{name[:width]:<{width}}  {row['precision']:9.4f}  "
-            f"{row['recall']:6.4f}  {row['f1']:6.4f}  {row['support']:7d}"
-        )
-    total = sum(row["support"] for row in rows)
-    lines += [
-        "-" * len(header),
-        f"{'macro avg':<{width}}  {report['macro_precision']:9.4f}  "
-        f"{report['macro_recall']:6.4f}  {report['macro_f1']:6.4f}  "
-        f"{total:7d}",
-        f"{'accuracy':<{width}}  {'':9}  {'':6}  "
-        f"{report['accuracy']:6.4f}  {total:7d}",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- features
@@ -296,7 +157,7 @@ def nearest_neighbours(
 
 def _unit_rows(features: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return _safe_divide(features, np.broadcast_to(norms, features.shape))
+    return metrics.safe_divide(features, np.broadcast_to(norms, features.shape))
 
 
 # ---------------------------------------------------------------- writers
@@ -333,23 +194,25 @@ def write_projector(
     """
     features, labels = _check_examples(features, labels, images)
     index = _subsample_index(len(features), max_points, seed=0)
-    os.makedirs(log_dir, exist_ok=True)
+    file_io.makedirs(log_dir)
     variable = tf.Variable(features[index].astype(np.float32), name="embedding")
     checkpoint_path = tf.train.Checkpoint(embedding=variable).save(
-        os.path.join(log_dir, "embedding.ckpt")
+        file_io.join(log_dir, "embedding.ckpt")
     )
-    with open(os.path.join(log_dir, "metadata.tsv"), "w") as file:
-        file.write("index\tlabel\n")
-        for row in index:
-            name = _metadata_label(int(labels[row]), class_names)
-            file.write(f"{row}\t{name}\n")
+    rows = [
+        f"{row}\t{_metadata_label(int(labels[row]), class_names)}\n"
+        for row in index
+    ]
+    file_io.write_text(
+        file_io.join(log_dir, "metadata.tsv"), "index\tlabel\n" + "".join(rows)
+    )
     config = projector.ProjectorConfig()
     embedding = config.embeddings.add()
     embedding.tensor_name = PROJECTOR_TENSOR
     embedding.metadata_path = "metadata.tsv"  # relative to the config file
     if images is not None:
         sprite, thumb = report_images.sprite_image(np.asarray(images)[index])
-        sprite.save(os.path.join(log_dir, "sprite.png"))
+        _save_png(sprite, file_io.join(log_dir, "sprite.png"))
         embedding.sprite.image_path = "sprite.png"
         embedding.sprite.single_image_dim.extend([thumb, thumb])
     projector.visualize_embeddings(log_dir, config)
@@ -413,19 +276,20 @@ def write_reports(
     Raises:
       ValueError: as the functions above, or features/images of another n.
     """
-    os.makedirs(output_dir, exist_ok=True)
+    file_io.makedirs(output_dir)
     paths = {
-        "per_class_json": os.path.join(output_dir, "per_class.json"),
-        "per_class_txt": os.path.join(output_dir, "per_class.txt"),
+        "per_class_json": file_io.join(output_dir, "per_class.json"),
+        "per_class_txt": file_io.join(output_dir, "per_class.txt"),
     }
-    report = classification_report(labels, predictions, num_classes)
-    with open(paths["per_class_json"], "w") as file:
-        json.dump(report, file, indent=2)
-    with open(paths["per_class_txt"], "w") as file:
-        file.write(format_report(report, class_names))
+    report = metrics.classification_report(labels, predictions, num_classes)
+    file_io.write_json(paths["per_class_json"], report)
+    file_io.write_text(
+        paths["per_class_txt"], metrics.format_report(report, class_names)
+    )
     pictures = {
         "confusion_matrix": report_images.confusion_matrix_image(
-            confusion_matrix(labels, predictions, num_classes), class_names
+            metrics.confusion_matrix(labels, predictions, num_classes),
+            class_names,
         )
     }
     if features is not None:
@@ -434,13 +298,14 @@ def write_reports(
                 features, labels, images, class_names, seed, num_queries, k
             )
         )
-        projector_dir = os.path.join(output_dir, "projector")
+        projector_dir = file_io.join(output_dir, "projector")
         paths["projector"] = write_projector(
             projector_dir, features, labels, images, class_names
         )
     for name, picture in pictures.items():
-        paths[name] = os.path.join(output_dir, name + ".png")
-        picture.save(paths[name])
+        paths[name] = _save_png(
+            picture, file_io.join(output_dir, f"{name}.png")
+        )
     if writer is not None:
         _log_summaries(writer, pictures, report["macro_f1"], step)
     return paths
@@ -488,3 +353,10 @@ def _log_summaries(
             tf.summary.image(f"reports/{name}", pixels, step=step)
         tf.summary.scalar("reports/macro_f1", macro_f1, step=step)
     writer.flush()
+
+
+def _save_png(picture: Image.Image, path: str) -> str:
+    """Writes a PIL image as PNG through file_io; returns path."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return file_io.write_bytes(path, buffer.getvalue())

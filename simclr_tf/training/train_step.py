@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping
 import keras
 import tensorflow as tf
 
-from simclr_tf import config as config_lib
 from simclr_tf import losses
-from simclr_tf.data import pipeline
+from simclr_tf.config import schema as config_lib
+from simclr_tf.data.augment import batch as augment_batch
 from simclr_tf.models import simclr
 
 
@@ -67,7 +67,7 @@ def make_train_step(
     def step(batch: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         views = (batch["view1"], batch["view2"])
         if data.augment_on_device:
-            views = pipeline.distort_views(
+            views = augment_batch.distort_views(
                 views,
                 batch["view_seeds"],
                 color_jitter_strength=data.color_jitter_strength,
@@ -125,7 +125,7 @@ def make_supervised_step(
     Cross-entropy of the supervised head on labelled crop + flip views;
     with a teacher (distill), (1 - w) * the distillation loss + w * the
     cross-entropy, w = --distill_label_weight. Only the trainable variables
-    (see supervised.freeze) are updated.
+    (see modes.freeze) are updated.
 
     Args:
       config: the run's Config.

@@ -1,5 +1,8 @@
-"""What a pretraining run reports besides its loss: the kNN monitor and the
-augmentation preview in TensorBoard.
+"""What a training run reports besides its loss, as hooks for its loop:
+the kNN monitor and the augmentation preview in TensorBoard.
+
+`training_hooks(config)` is what cli.py hands to loop.run_training; the loop
+itself imports nothing from here.
 """
 
 from __future__ import annotations
@@ -7,18 +10,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import tensorflow as tf
 from absl import logging
 
-from simclr_tf import config as config_lib
-from simclr_tf import knn, preview, run_data
-from simclr_tf.data import sources
+from simclr_tf.config import schema as config_lib
+from simclr_tf.data import run_data
+from simclr_tf.data.sources import base as source_lib
+from simclr_tf.evaluation import knn
 from simclr_tf.models import simclr
-
-if TYPE_CHECKING:
-    from simclr_tf import train
+from simclr_tf.reports import preview
+from simclr_tf.training import loop, train_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +44,8 @@ class KnnMonitor:
     def create(
         cls,
         config: config_lib.Config,
-        state: train.TrainState,
-        source: sources.Source,
+        state: train_state.TrainState,
+        source: source_lib.Source,
     ) -> KnnMonitor | None:
         """The monitor, or None when off or the data has no labels."""
         every = config.eval.knn_every_steps
@@ -93,11 +95,34 @@ class KnnMonitor:
         return result
 
 
+def training_hooks(config: config_lib.Config) -> loop.HookFactory:
+    """The hooks of a training run: at its start, the preview of its views
+    (pretraining); every --knn_every_steps, the kNN monitor."""
+
+    def make(
+        state: train_state.TrainState, source: source_lib.Source
+    ) -> list[loop.Hook]:
+        hooks = []
+        if config.train.train_mode == "pretrain":
+
+            def preview_hook(step: int, writer: object) -> None:
+                if writer is not None:
+                    write_preview_summary(config, source, writer, step)
+
+            hooks.append(loop.Hook(run=preview_hook, at_start=True))
+        knn_monitor = KnnMonitor.create(config, state, source)
+        if knn_monitor is not None:
+            hooks.append(loop.Hook(run=knn_monitor, every=knn_monitor.every))
+        return hooks
+
+    return make
+
+
 def write_preview_summary(
     config: config_lib.Config,
-    source: sources.Source,
+    source: source_lib.Source,
     writer: tf.summary.SummaryWriter,
-    state: train.TrainState,
+    step: int,
 ) -> None:
     """The --mode=preview grid of augmented views, to TensorBoard."""
     grid = preview.preview_grid(config, source)
@@ -105,7 +130,7 @@ def write_preview_summary(
         tf.summary.image(
             "augmentations",
             preview.summary_image(grid),
-            step=int(state.optimizer.iterations.numpy()),
+            step=step,
             description="Each row: a train image, then training views made "
             "with this run's flags (--mode=preview writes the same PNG).",
         )

@@ -5,25 +5,21 @@
 crop + flip views with labels. They differ in what learns (`freeze`), where
 the weights start (`initialize_from`: a pretraining checkpoint, model_dir
 or SavedModel) and the loss (distillation from `load_teacher`'s logits).
-`evaluate_classifier` scores the supervised head on the eval split.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 
-import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from simclr_tf import config as config_lib
-from simclr_tf import evaluate
+from simclr_tf import file_io
+from simclr_tf.config import schema as config_lib
 from simclr_tf.models import simclr
+from simclr_tf.training import builders
 
-SUPERVISED_TRAIN_MODES = ("finetune", "lineareval", "distill")
 ENCODER_BLOCK_GROUPS = 4
 
 
@@ -202,12 +198,8 @@ def _teacher_from_checkpoint(
             f"architecture is unknown; pass its SavedModel export "
             f"(model_dir/saved_model/N) instead."
         )
-    with tf.io.gfile.GFile(config_path) as file:
-        teacher_config = config_lib.from_nested_dict(json.load(file))
-    # train builds every model and imports this module: import it late.
-    from simclr_tf import train
-
-    teacher = train.build_model(teacher_config, num_classes, image_channels)
+    teacher_config = config_lib.from_nested_dict(file_io.read_json(config_path))
+    teacher = builders.build_model(teacher_config, num_classes, image_channels)
     teacher(tf.zeros((1, 8, 8, image_channels)))
     try:
         tf.train.Checkpoint(model=teacher).read(
@@ -232,38 +224,3 @@ def _check_teacher_classes(
             f"dataset has {num_classes}. Use a teacher fine-tuned on the "
             f"same dataset."
         )
-
-
-def evaluate_classifier(
-    model: keras.Model, dataset: Iterable[Mapping[str, tf.Tensor]]
-) -> dict[str, object]:
-    """Scores the supervised head (BN in inference mode) on a dataset.
-
-    Args:
-      model: a SimCLRModel with a supervised head.
-      dataset: batches {"image": [b, H, W, C] float32, "label": [b]}.
-
-    Returns:
-      {"top_1", "top_5", "num_test"} plus numpy "logits" [n, C], "labels"
-      [n] and "features" [n, F] (final_avg_pool) for reports.
-    """
-    forward = tf.function(
-        lambda images: model(images, training=False), reduce_retracing=True
-    )
-    logits, labels, features = [], [], []
-    for batch in dataset:
-        outputs = forward(batch["image"])
-        logits.append(outputs["logits_sup"].numpy())
-        features.append(outputs["final_avg_pool"].numpy().astype(np.float32))
-        labels.append(np.asarray(batch["label"], np.int64))
-    if not logits:
-        raise ValueError("the eval split is empty; pass another --eval_split.")
-    logits_array, labels_array = np.concatenate(logits), np.concatenate(labels)
-    return {
-        "top_1": evaluate.top_k_accuracy(logits_array, labels_array, 1),
-        "top_5": evaluate.top_k_accuracy(logits_array, labels_array, 5),
-        "num_test": int(labels_array.shape[0]),
-        "logits": logits_array,
-        "labels": labels_array,
-        "features": np.concatenate(features),
-    }

@@ -1,31 +1,35 @@
 """The run-level linear evaluation: SimCLR encoder against two baselines.
 
 Evaluates, on the same train/eval splits and with the same linear protocol
-(evaluate.py), three representations: the pretrained encoder, the same
+(linear.py), three representations: the pretrained encoder, the same
 encoder architecture at random initialisation, and raw pixels. The numeric
-work is in evaluate.py; this module only wires a Config to it.
+work is in linear.py; this module only wires a Config to it.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from simclr_tf import config as config_lib
-from simclr_tf import eval_reports, evaluate, knn, run_data, runtime, train
-from simclr_tf.data import sources
+from simclr_tf import runtime
+from simclr_tf.config import schema as config_lib
+from simclr_tf.data import run_data
+from simclr_tf.data.sources import base as source_lib
+from simclr_tf.evaluation import extract, knn, linear
+from simclr_tf.reports import evaluation as eval_reports
+from simclr_tf.training import builders, train_state
 
 
 def run_linear_eval(
     config: config_lib.Config,
-    state: train.TrainState,
-    train_source: sources.Source | None = None,
+    state: train_state.TrainState,
+    train_source: source_lib.Source | None = None,
 ) -> dict[str, object]:
     """Linear-evaluates the trained encoder and the two baselines.
 
@@ -50,7 +54,7 @@ def run_linear_eval(
     for prefix, featurize in _representations(config, state).items():
         train_features, train_labels = featurize(train_data)
         test_features, test_labels = featurize(test_data)
-        classifier = evaluate.train_linear_classifier(
+        classifier = linear.train_linear_classifier(
             train_features,
             train_labels,
             num_classes,
@@ -58,7 +62,7 @@ def run_linear_eval(
             seed=config.train.seed or 0,
         )
         metrics = {
-            **evaluate.evaluate_linear(classifier, test_features, test_labels),
+            **linear.evaluate_linear(classifier, test_features, test_labels),
             "num_train": len(train_labels),
             "num_test": len(test_labels),
         }
@@ -100,18 +104,18 @@ def run_linear_eval(
 
 
 def _representations(
-    config: config_lib.Config, state: train.TrainState
+    config: config_lib.Config, state: train_state.TrainState
 ) -> dict[str, Callable[[tf.data.Dataset], tuple]]:
     """Featurizers by metric prefix: the encoder, then the baselines."""
     representations: dict[str, Callable[[tf.data.Dataset], tuple]] = {
-        "": lambda data: evaluate.extract_features(state.model, data),
+        "": lambda data: extract.extract_features(state.model, data),
     }
     if config.eval.eval_baselines:
         random_model = _random_init_model(config, state)
-        representations["random_init/"] = lambda data: (
-            evaluate.extract_features(random_model, data)
+        representations["random_init/"] = lambda data: extract.extract_features(
+            random_model, data
         )
-        representations["pixels/"] = evaluate.pixel_features
+        representations["pixels/"] = extract.pixel_features
     return representations
 
 
@@ -121,7 +125,7 @@ _MAX_REPORT_IMAGE_BYTES = 256 * 2**20
 
 def write_run_reports(
     config: config_lib.Config,
-    state: train.TrainState,
+    state: train_state.TrainState,
     test_data: tf.data.Dataset,
     labels: np.ndarray,
     logits: np.ndarray,
@@ -180,13 +184,13 @@ def write_run_reports(
 
 
 def _random_init_model(
-    config: config_lib.Config, state: train.TrainState
+    config: config_lib.Config, state: train_state.TrainState
 ) -> keras.Model:
     """The same architecture, freshly initialised (seeded when --seed is)."""
     if config.train.seed is not None:
         keras.utils.set_random_seed(config.train.seed + 1)
     with state.strategy.scope():
-        model = train.build_model(
+        model = builders.build_model(
             config, state.num_classes, state.image_shape[-1]
         )
         model(tf.zeros((1, *state.image_shape)))
@@ -195,7 +199,7 @@ def _random_init_model(
 
 def write_scalars(
     config: config_lib.Config,
-    state: train.TrainState,
+    state: train_state.TrainState,
     result: dict[str, object],
 ) -> None:
     """Writes result's numbers to model_dir/eval at the state's step."""
@@ -210,3 +214,38 @@ def write_scalars(
             if isinstance(value, (int, float)):  # not eval/split
                 tf.summary.scalar(name, value)
     writer.flush()
+
+
+def evaluate_classifier(
+    model: keras.Model, dataset: Iterable[Mapping[str, tf.Tensor]]
+) -> dict[str, object]:
+    """Scores the supervised head (BN in inference mode) on a dataset.
+
+    Args:
+      model: a SimCLRModel with a supervised head.
+      dataset: batches {"image": [b, H, W, C] float32, "label": [b]}.
+
+    Returns:
+      {"top_1", "top_5", "num_test"} plus numpy "logits" [n, C], "labels"
+      [n] and "features" [n, F] (final_avg_pool) for reports.
+    """
+    forward = tf.function(
+        lambda images: model(images, training=False), reduce_retracing=True
+    )
+    logits, labels, features = [], [], []
+    for batch in dataset:
+        outputs = forward(batch["image"])
+        logits.append(outputs["logits_sup"].numpy())
+        features.append(outputs["final_avg_pool"].numpy().astype(np.float32))
+        labels.append(np.asarray(batch["label"], np.int64))
+    if not logits:
+        raise ValueError("the eval split is empty; pass another --eval_split.")
+    logits_array, labels_array = np.concatenate(logits), np.concatenate(labels)
+    return {
+        "top_1": linear.top_k_accuracy(logits_array, labels_array, 1),
+        "top_5": linear.top_k_accuracy(logits_array, labels_array, 5),
+        "num_test": int(labels_array.shape[0]),
+        "logits": logits_array,
+        "labels": labels_array,
+        "features": np.concatenate(features),
+    }

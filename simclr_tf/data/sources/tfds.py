@@ -1,9 +1,9 @@
 """Reading tfds image classification datasets: lookup, preparation, splits.
 
 Every per-dataset fact (classes, image shape, split names and sizes) comes
-from the tfds builder's info. `sources.open_source` is the entry point; it
-turns these pieces into a `sources.Source`. This module knows nothing of
-fashion_mnist IDX files or synthetic data.
+from the tfds builder's info; `open_tfds` turns these pieces into a
+`base.Source`. This module knows nothing of fashion_mnist IDX files or
+synthetic data.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+
+from simclr_tf.data.sources import base
 
 Loader = Callable[..., tf.data.Dataset]
 # Errors a failed download raises: requests' ConnectionError and Timeout are
@@ -205,3 +207,29 @@ def loader(
         )
 
     return load
+
+
+def open_tfds(
+    name: str, split: str, data_dir: str | None, seed: int | None
+) -> base.Source:
+    """A Source over a tfds builder: facts from its info, prepared first."""
+    other_names = ["fashion_mnist", "synthetic", "synthetic_gray"]
+    builder_ = builder(name, data_dir, other_names)
+    image_shape, class_names = features(name, builder_.info)
+    prepare(builder_)
+    split = base.resolve_split(name, split, split_names(builder_))
+    load = loader(builder_, split, seed)
+    count = num_examples(builder_, split, load)
+    logging.info(
+        "%s %s: %d examples in %s", name, split, count, builder_.data_dir
+    )
+    return base.Source(
+        name=name,
+        split=split,
+        num_examples=count,
+        num_classes=len(class_names),
+        image_shape=image_shape,
+        origin=f"tfds:{builder_.data_dir}",
+        class_names=class_names,
+        _loader=load,
+    )

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from simclr_tf.data import augment, crop, random_ops
+from simclr_tf.data.augment import crop
+from simclr_tf.data.augment import image as augment
+from simclr_tf.data.augment import randomness as random_ops
 
 
 def _per_image(values: tf.Tensor) -> tf.Tensor:
@@ -285,3 +287,39 @@ def simclr_augment_batch(
         brightness_impl=brightness_impl,
         color_distort=color_distort,
     )
+
+
+def distort_views(
+    views: tf.Tensor,
+    view_seeds: tf.Tensor,
+    *,
+    color_jitter_strength: float,
+    blur: bool,
+    brightness_impl: str = "v2",
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Completes cropped views: colour jitter, grayscale, blur, clip.
+
+    The train step calls it under --augment_on_device, the pipeline
+    otherwise; the values are the same.
+
+    Args:
+      views: ([b, S, S, C], [b, S, S, C]) float crops, view1 and view2.
+      view_seeds: int32 [b, 2, 2], image i's two view seeds.
+      color_jitter_strength: s in [0, 1.25].
+      blur: apply the random Gaussian blur.
+      brightness_impl: "v2" multiplicative (GR default) or "v1" additive.
+
+    Returns:
+      (view1, view2), each [b, S, S, C] float32 in [0, 1].
+    """
+    images = tf.concat(list(views), axis=0)
+    seeds = tf.concat([view_seeds[:, 0], view_seeds[:, 1]], axis=0)
+    distorted = distort_batch(
+        images,
+        seeds,
+        color_jitter_strength=color_jitter_strength,
+        blur=blur,
+        brightness_impl=brightness_impl,
+    )
+    view1, view2 = tf.split(distorted, 2, axis=0)
+    return view1, view2

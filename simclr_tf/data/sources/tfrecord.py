@@ -3,7 +3,7 @@
 The shards and their dataset_info.json are written by
 `python -m simclr_tf.tools.make_tfrecords`; this module holds the shared
 format (file names, feature keys, version) and `open_tfrecord`, which opens
-one split as a `sources.Source`. Decoding is decode.py's `decode_rgb`.
+one split as a `base.Source`. Decoding is decode.py's `decode_rgb`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import tensorflow as tf
 from absl import logging
 
-from simclr_tf.data import decode, folder, sources
+from simclr_tf.data.sources import base, decode, folder
 
 FORMAT_VERSION = 1
 INFO_FILE = "dataset_info.json"
@@ -86,7 +86,7 @@ def _resolve_split(data_dir: str, split: str, splits: Mapping) -> str:
             f"`{_TOOL} --input_dir=<image folder> --output_dir={data_dir} "
             f"--splits=train=train[:90%],validation=train[90%:]`, then name it."
         )
-    if split == sources.AUTO_SPLIT:
+    if split == base.AUTO_SPLIT:
         for name in folder.EVAL_SPLIT_FOLDERS:
             if name in splits:
                 return name
@@ -164,7 +164,7 @@ def _host_files(
     return files, True
 
 
-def _tfrecord_loader(paths: list[str], seed: int | None) -> sources.Loader:
+def _tfrecord_loader(paths: list[str], seed: int | None) -> base.Loader:
     """A loader over shard files; host i of n reads files i::n."""
 
     def load(
@@ -204,7 +204,7 @@ def _tfrecord_loader(paths: list[str], seed: int | None) -> sources.Loader:
 
 def open_tfrecord(
     data_dir: str | None, split: str, *, seed: int | None = None
-) -> sources.Source:
+) -> base.Source:
     """Opens one split of a TFRecord shard directory as a Source.
 
     Every fact (example count, classes, files skipped when the shards were
@@ -250,7 +250,7 @@ def open_tfrecord(
         entry["num_classes"],
         sum(skipped_counts.values()),
     )
-    return sources.Source(
+    return base.Source(
         name="tfrecord",
         split=name,
         num_examples=int(entry["num_examples"]),

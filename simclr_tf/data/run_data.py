@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from simclr_tf import config as config_lib
-from simclr_tf.data import pipeline, sources, subsets
+from simclr_tf.config import schema as config_lib
+from simclr_tf.data import pipeline, subsets
+from simclr_tf.data.sources import base as source_lib
+from simclr_tf.data.sources import registry
 
 
-def open_split(config: config_lib.Config, split: str) -> sources.Source:
+def open_split(config: config_lib.Config, split: str) -> source_lib.Source:
     """One split of --dataset, opened with the run's data flags."""
-    return sources.open_source(
+    return registry.open_source(
         config.data.dataset,
         split,
         data_dir=config.data.data_dir,
@@ -24,13 +26,13 @@ def open_split(config: config_lib.Config, split: str) -> sources.Source:
     )
 
 
-def open_train_source(config: config_lib.Config) -> sources.Source:
+def open_train_source(config: config_lib.Config) -> source_lib.Source:
     """The --train_split of --dataset."""
     return open_split(config, config.data.train_split)
 
 
 def pretrain_input_fn(
-    config: config_lib.Config, source: sources.Source
+    config: config_lib.Config, source: source_lib.Source
 ) -> pipeline.InputFn:
     """The two-view pretraining input_fn of `source` with the run's flags."""
     data = config.data
@@ -49,7 +51,7 @@ def pretrain_input_fn(
 
 
 def finetune_input_fn(
-    config: config_lib.Config, source: sources.Source
+    config: config_lib.Config, source: source_lib.Source
 ) -> pipeline.InputFn:
     """The labelled crop + flip input_fn of the supervised train modes."""
     return pipeline.finetune_input_fn(
@@ -63,8 +65,8 @@ def finetune_input_fn(
 
 
 def labelled_train_source(
-    config: config_lib.Config, source: sources.Source
-) -> sources.Source:
+    config: config_lib.Config, source: source_lib.Source
+) -> source_lib.Source:
     """`source`, cut to --label_fraction of its labels (class-balanced)."""
     fraction = config.data.label_fraction
     if fraction >= 1:
@@ -74,7 +76,7 @@ def labelled_train_source(
 
 def eval_input(
     config: config_lib.Config,
-    source: sources.Source,
+    source: source_lib.Source,
     limit: int | None = None,
 ) -> tf.data.Dataset:
     """One ordered pass over `source` with eval preprocessing.
@@ -94,3 +96,27 @@ def eval_input(
     if limit > 0:
         data = data.unbatch().take(limit).batch(config.eval.eval_batch_size)
     return data
+
+
+MAX_EXAMPLE_PATHS = 10
+
+
+def skipped_files(source: source_lib.Source) -> dict[str, object]:
+    """result.json entries for the files the source could not read.
+
+    Returns:
+      {} when nothing was skipped, else {"data/skipped_files": total,
+      "data/skipped_by_reason": {reason: count}, "data/skipped_examples":
+      {reason: up to 10 paths}}.
+    """
+    counts = source.skip_counts()
+    if not counts:
+        return {}
+    return {
+        "data/skipped_files": sum(counts.values()),
+        "data/skipped_by_reason": counts,
+        "data/skipped_examples": {
+            reason: list(paths[:MAX_EXAMPLE_PATHS])
+            for reason, paths in source.skipped.items()
+        },
+    }

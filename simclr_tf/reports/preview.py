@@ -9,7 +9,7 @@ train or read the pipeline's shuffle order (the first N images are shown).
 from __future__ import annotations
 
 import math
-import os
+import posixpath
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -17,8 +17,10 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image, ImageDraw, ImageFont
 
-from simclr_tf import config as config_lib
-from simclr_tf.data import augment, sources
+from simclr_tf import file_io
+from simclr_tf.config import schema as config_lib
+from simclr_tf.data.augment import image as augment
+from simclr_tf.data.sources import base as source_lib
 
 PAD_COLOR = (128, 128, 128)  # mid grey: neutral against dark and bright views
 CAPTION_MIN_WIDTH = 256  # grids narrower than this are upscaled for the text
@@ -230,7 +232,7 @@ def view_seed(
 
 
 def make_views(
-    source: sources.Source,
+    source: source_lib.Source,
     *,
     num_images: int,
     views_per_image: int,
@@ -302,7 +304,7 @@ def make_views(
 def write_preview(path: str, grid: np.ndarray) -> str:
     """Writes a uint8 [h, w, 3] picture as PNG, creating its directory.
 
-    Uses tf.io so that path may be a gs:// or other tf.io.gfile URL.
+    Through file_io, so path may be a gs:// or other tf.io.gfile URL.
 
     Args:
       path: the .png file to write.
@@ -311,11 +313,11 @@ def write_preview(path: str, grid: np.ndarray) -> str:
     Returns:
       path.
     """
-    directory = os.path.dirname(path)
+    directory = posixpath.dirname(path)
     if directory:
-        tf.io.gfile.makedirs(directory)
-    tf.io.write_file(path, tf.io.encode_png(np.asarray(grid, np.uint8)))
-    return path
+        file_io.makedirs(directory)
+    png = tf.io.encode_png(np.asarray(grid, np.uint8)).numpy()
+    return file_io.write_bytes(path, png)
 
 
 def summary_image(grid: np.ndarray) -> tf.Tensor:
@@ -325,7 +327,7 @@ def summary_image(grid: np.ndarray) -> tf.Tensor:
 
 def preview_grid(
     config: config_lib.Config,
-    source: sources.Source,
+    source: source_lib.Source,
     *,
     num_images: int = 8,
     views_per_image: int = 4,
@@ -371,7 +373,7 @@ def preview_grid(
 
 
 def run_preview(
-    config: config_lib.Config, source: sources.Source, **kwargs: int
+    config: config_lib.Config, source: source_lib.Source, **kwargs: int
 ) -> str:
     """Writes <model_dir>/augmentations.png of the source's views.
 
@@ -384,7 +386,7 @@ def run_preview(
       The written PNG's path.
     """
     picture = preview_grid(config, source, **kwargs)
-    path = os.path.join(config.model_dir, PREVIEW_FILENAME)
+    path = file_io.join(config.model_dir, PREVIEW_FILENAME)
     write_preview(path, picture)
     logging.info("Wrote the augmentation preview to %s", path)
     return path

@@ -1,20 +1,29 @@
 """The absl flag definitions: google-research/simclr's, then ours.
 
-Defining is all this module does; config.py reads the values into a Config
-(and is the only module that reads FLAGS). The enumerations the flags
-accept live here and are re-exported by config.py.
+Defining is all this module does; loading.py reads the values into a
+Config. The values the enumerated flags accept are schema.py's.
 """
 
 from __future__ import annotations
 
 from absl import flags
 
-MODES = ("train", "eval", "train_then_eval", "export", "preview")
-TRAIN_MODES = ("pretrain", "finetune", "lineareval", "distill")
-STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
-PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-OPTIMIZERS = ("lars", "momentum", "adam")
-RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
+from simclr_tf.config import schema
+
+MODES = schema.MODES
+TRAIN_MODES = schema.TRAIN_MODES
+STRATEGIES = schema.STRATEGIES
+PRECISIONS = schema.PRECISIONS
+OPTIMIZERS = schema.OPTIMIZERS
+RESNET_DEPTHS = schema.RESNET_DEPTHS
+
+
+def define_flags() -> None:
+    """Defines every simclr_tf flag on absl's global FLAGS (idempotent)."""
+    if "train_batch_size" in flags.FLAGS:
+        return
+    define_gr_flags()
+    define_extension_flags()
 
 
 def define_gr_flags() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from simclr_tf.data import random_ops
+from simclr_tf.data.augment import randomness as random_ops
 
 Box = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
 _CUBIC_TABLE_SIZE = 1024  # TF's bicubic kernel quantises positions to 1/1024.

@@ -1,0 +1,3 @@
+"""Flags to a validated Config: definitions, the dataclasses, protocol
+defaults per train mode, validation, and reading flags or config.json.
+"""
