@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+from simclr_tf.training import schedule as schedule_lib
+
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # The models every benchmark times: simclr_tf flags as in the recipes
@@ -165,9 +167,9 @@ def build_train_loop(
     """
     import tensorflow as tf
 
-    from simclr_tf.training import builders, train_state, train_step
+    from simclr_tf.training import builders, train_step
 
-    schedule = train_state.Schedule(
+    schedule = schedule_lib.Schedule(
         steps_per_epoch=100,
         total_steps=10_000,
         warmup_steps=10,

@@ -9,6 +9,7 @@ import pytest
 from absl import flags
 
 from simclr_tf.config import flag_defs, validation
+from simclr_tf.config import loading as config_loading
 from simclr_tf.config import schema as config_lib
 
 flag_defs.define_flags()
@@ -20,7 +21,7 @@ def _parse(*arguments: str) -> config_lib.Config:
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["simclr_tf", *arguments])
     try:
-        return config_lib.Config.from_flags()
+        return config_loading.from_flags()
     finally:
         flags.FLAGS.unparse_flags()
 

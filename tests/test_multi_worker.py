@@ -30,19 +30,17 @@ _DRIVER = textwrap.dedent(
     import numpy as np
     from absl import logging
     from simclr_tf import cli
-    from simclr_tf.training import 
-from simclr_tf.training import loop as training_loop
     from simclr_tf.config import schema as config_lib
     from simclr_tf.config import validation
-    from simclr_tf.training import loop
+    from simclr_tf.training import loop as training_loop
 
     model_dir, output = sys.argv[1], sys.argv[2]
     train_steps, mode = int(sys.argv[3]), sys.argv[4]
     captured = {}
     run_training = training_loop.run_training
 
-    def recording_run_training(config, source=None):
-        summary = run_training(config, source)
+    def recording_run_training(config, source=None, hooks=None):
+        summary = run_training(config, source, hooks)
         captured["state"] = summary["state"]
         return summary
 

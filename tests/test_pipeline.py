@@ -15,9 +15,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simclr_tf.config import schema as config_lib
-from simclr_tf.data import pipeline
+from simclr_tf.data import pipeline, run_data
 from simclr_tf.data.augment import batch as augment_batch
-from simclr_tf.data.augment import run_data
 from simclr_tf.data.sources import base as source_lib
 from simclr_tf.data.sources import registry, synthetic
 

@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf.config import schema as config_lib
-from simclr_tf.training import builders, train_state, train_step
+from simclr_tf.training import builders, train_step
+from simclr_tf.training import schedule as schedule_lib
 
 GLOBAL_BATCH = 16
 IMAGE_SIZE = 16
@@ -105,7 +106,7 @@ def _one_step(strategy, config, batch, initial_weights):
     """
     keras.mixed_precision.set_global_policy("float32")
     keras.utils.set_random_seed(0)
-    schedule = train_state.Schedule(
+    schedule = schedule_lib.Schedule(
         steps_per_epoch=10,
         total_steps=100,
         warmup_steps=0,

@@ -19,7 +19,7 @@ from simclr_tf.config import validation
 from simclr_tf.data import run_data
 from simclr_tf.data.augment import image as augment
 from simclr_tf.data.sources import synthetic
-from simclr_tf.evaluation import knn
+from simclr_tf.evaluation import knn, monitor
 from simclr_tf.training import builders, train_state, train_step
 from simclr_tf.training import loop as training_loop
 from simclr_tf.training import schedule as schedule_lib
@@ -95,9 +95,9 @@ def _tiny_config(model_dir: str, **changes) -> config_lib.Config:
 
 
 def test_is_due_every_multiple_and_at_the_end():
-    due = [step for step in range(1, 11) if train_state.is_due(step, 3, 10)]
+    due = [step for step in range(1, 11) if schedule_lib.is_due(step, 3, 10)]
     assert due == [3, 6, 9, 10]
-    assert [s for s in range(1, 6) if train_state.is_due(s, 0, 5)] == [5]
+    assert [s for s in range(1, 6) if schedule_lib.is_due(s, 0, 5)] == [5]
 
 
 def test_resolve_schedule_matches_google_research_formulas():
@@ -109,7 +109,7 @@ def test_resolve_schedule_matches_google_research_formulas():
             "checkpoint_epochs": 1,
         }
     )
-    schedule = train_state.resolve_schedule(config.train, config.optim, 60000)
+    schedule = schedule_lib.resolve_schedule(config.train, config.optim, 60000)
     # GR: total = N*epochs//B + 1, warm-up = round(epochs_w*N//B).
     assert schedule.steps_per_epoch == 60000 // 256 == 234
     assert schedule.total_steps == 60000 * 3 // 256 + 1 == 704
@@ -121,7 +121,7 @@ def test_resolve_schedule_train_steps_override_epochs():
     config = config_lib.from_dict(
         {"train_batch_size": 32, "train_steps": 7, "checkpoint_steps": 3}
     )
-    schedule = train_state.resolve_schedule(config.train, config.optim, 512)
+    schedule = schedule_lib.resolve_schedule(config.train, config.optim, 512)
     assert schedule.total_steps == 7
     assert schedule.checkpoint_every == 3
 
@@ -129,11 +129,11 @@ def test_resolve_schedule_train_steps_override_epochs():
 def test_resolve_schedule_rejects_batch_larger_than_split():
     config = config_lib.from_dict({"train_batch_size": 1024})
     with pytest.raises(ValueError, match="--train_batch_size=1024"):
-        train_state.resolve_schedule(config.train, config.optim, 512)
+        schedule_lib.resolve_schedule(config.train, config.optim, 512)
 
 
 def test_loop_lengths_stop_at_checkpoints_and_the_end():
-    schedule = train_state.Schedule(
+    schedule = schedule_lib.Schedule(
         steps_per_epoch=10,
         total_steps=25,
         warmup_steps=0,
@@ -279,7 +279,7 @@ def _two_step_losses(config, make_iterator) -> list[float]:
     keras.utils.set_random_seed(0)
     model = builders.build_model(config, 10, 3)
     model(tf.zeros((1, 16, 16, 3)))
-    schedule = train_state.Schedule(
+    schedule = schedule_lib.Schedule(
         steps_per_epoch=10,
         total_steps=100,
         warmup_steps=0,
@@ -387,7 +387,9 @@ def test_knn_monitor_writes_tensorboard_at_its_steps(tmp_path):
         knn_max_train_examples=64,
         max_eval_examples=32,
     )
-    summary = training_loop.run_training(config)
+    summary = training_loop.run_training(
+        config, hooks=monitor.training_hooks(config)
+    )
     values = {}
     for name in os.listdir(tmp_path / "train"):
         path = str(tmp_path / "train" / name)
