@@ -46,12 +46,15 @@ def main(argv: Sequence[str]) -> None:
             "them.",
             config.model_dir,
         )
+    from simclr_tf.training import loop
+
     try:
         run(config)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, loop.NonFiniteLossError) as error:
         # Bad input found once data or checkpoints are opened (an unknown
-        # dataset or split, an empty folder, a missing checkpoint): one line
-        # naming cause and fix; the traceback only with --verbosity=1.
+        # dataset or split, an empty folder, a missing checkpoint), or a
+        # NaN loss: one line naming cause and fix (and the last good
+        # checkpoint); the traceback only with --verbosity=1.
         logging.debug("traceback:", exc_info=True)
         sys.exit(f"simclr_tf: {error}")
 
@@ -74,6 +77,9 @@ def run(config: config_lib.Config) -> dict[str, object]:
 
     mode = config.train.mode
     started = time.time()
+    # Before anything starts TensorFlow's devices (opening a folder source
+    # decodes its images), or the CPU can no longer be split.
+    runtime.configure_virtual_cpus(config.runtime.num_virtual_cpus)
     file_io.makedirs(config.model_dir)
     source = run_data.open_train_source(config)
     if mode == "preview":
@@ -102,11 +108,11 @@ def run(config: config_lib.Config) -> dict[str, object]:
     state = summary["state"]
     if summary.get("preempted"):
         return {
-            "step": int(state.optimizer.iterations.numpy()),
+            "step": int(state.step.numpy()),
             "preempted": True,
         }
     result: dict[str, object] = {
-        "step": int(state.optimizer.iterations.numpy()),
+        "step": int(state.step.numpy()),
         **base,
     }
     if "metrics" in summary:

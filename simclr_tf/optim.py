@@ -298,7 +298,7 @@ def build_optimizer(
     *,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
-    nesterov: bool = False,
+    nesterov: bool = True,
 ) -> keras.optimizers.Optimizer:
     """The optimizer named by --optimizer, as in GR.
 
@@ -311,8 +311,9 @@ def build_optimizer(
         learning_rate: float or keras LearningRateSchedule.
         momentum: momentum in [0, 1) for LARS and SGD (unused by Adam).
         weight_decay: LARS weight decay >= 0.
-        nesterov: Nesterov momentum for "momentum" (the linear-eval
-            protocol); ignored by the others.
+        nesterov: Nesterov momentum for "momentum": GR's build_optimizer
+            always uses it (SGD(lr, momentum, nesterov=True)), and so
+            does every train mode here; ignored by the others.
 
     Returns:
         A keras.optimizers.Optimizer.

@@ -225,3 +225,46 @@ def test_cli_data_errors_are_one_line(tmp_path):
         assert finished.returncode == 1, flags
         assert message in finished.stderr, (flags, finished.stderr)
         assert "Traceback" not in finished.stderr, flags
+
+
+def test_folder_on_virtual_cpus_then_nan_stop_is_one_line(tmp_path):
+    """A folder source with --num_virtual_cpus (the CPU must be split before
+    opening the folder starts TensorFlow; conftest's split cannot hide it
+    in a new process), then a NaN loss: one line naming the steps and the
+    last good checkpoint, no traceback."""
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for index in range(4):
+            pixels = np.full((12, 12, 3), 40 * index, np.uint8)
+            Image.fromarray(pixels).save(
+                tmp_path / "data" / label / f"{index}.png"
+            )
+    finished = _run_cli(
+        f"--model_dir={tmp_path / 'run'}",
+        "--dataset=folder",
+        f"--data_dir={tmp_path / 'data'}",
+        "--num_virtual_cpus=2",
+        "--image_size=16",
+        "--resnet_depth=18",
+        "--width_multiplier=0.125",
+        "--train_batch_size=8",
+        "--train_steps=4",
+        "--steps_per_loop=2",
+        "--warmup_epochs=0",
+        "--precision=float32",
+        # Momentum SGD at lr 1e30 overflows float32 weights in one step.
+        "--optimizer=momentum",
+        "--learning_rate=1e30",
+    )
+    assert finished.returncode == 1, finished.stderr[-3000:]
+    assert "2 replica(s) on 1 host(s)" in finished.stderr
+    last = finished.stderr.strip().splitlines()[-1]
+    assert last.startswith("simclr_tf: non-finite"), last
+    # 8 images at batch 8: an epoch a step, a checkpoint a step. Step 1's
+    # loss uses the initial weights; its update overflows them.
+    good = str(tmp_path / "run" / "ckpt-1")
+    assert "in steps 2..2;" in last and f"checkpoint is {good}." in last
+    assert tf.train.latest_checkpoint(str(tmp_path / "run")) == good
+    assert "Traceback" not in finished.stderr

@@ -375,14 +375,15 @@ def test_open_folder_shards_are_disjoint_and_cover(tmp_path):
     assert sorted(sum(shards, [])) == sorted(whole) == list(range(5, 100, 10))
 
 
-def test_open_folder_seeded_shuffle_repeats(tmp_path):
+def test_open_folder_order_seed_permutes_every_file_and_repeats(tmp_path):
     _flat_folder(tmp_path, 10)
-    first = folder.open_folder(str(tmp_path), "train", seed=7)
-    second = folder.open_folder(str(tmp_path), "train", seed=7)
-    order = _values(first.dataset(shuffle_files=True))
-    assert order == _values(second.dataset(shuffle_files=True))
+    first = folder.open_folder(str(tmp_path), "train")
+    second = folder.open_folder(str(tmp_path), "train")
+    order = _values(first.dataset(order_seed=[7, 1]))
+    assert order == _values(second.dataset(order_seed=[7, 1]))
     assert sorted(order) == sorted(_values(first.dataset()))
     assert order != _values(first.dataset())
+    assert order != _values(first.dataset(order_seed=[7, 2]))
 
 
 def test_open_folder_loader_drops_file_broken_after_listing(tmp_path):

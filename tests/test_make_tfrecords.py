@@ -228,28 +228,29 @@ def test_open_tfrecord_fewer_files_than_hosts_splits_records(written, tmp_path):
     listing = folder.list_folder(input_dir, "validation")
     entry = make_tfrecords.write_split(listing, str(tmp_path), 1)
     make_tfrecords.update_info(str(tmp_path), {"validation": entry})
-    source = tfrecord.open_tfrecord(str(tmp_path), "validation", seed=3)
+    source = tfrecord.open_tfrecord(str(tmp_path), "validation")
     union = collections.Counter()
     for index in range(3):
         context = tf.distribute.InputContext(3, index)
-        part = _multiset(source.dataset(context, shuffle_files=True))
-        assert sum(part.values()) == 2  # 6 records, every 3rd
+        part = _multiset(source.dataset(context, order_seed=[3, index]))
+        assert sum(part.values()) == 2 == source.host_count(context)
         assert not union & part
         union += part
     assert union == _multiset(source.dataset())
 
 
-def test_open_tfrecord_seeded_shuffle_repeats(written):
+def test_open_tfrecord_order_seed_permutes_files_and_repeats(written):
     _, output_dir, _ = written
 
-    def order(seed, shuffle=True):
-        source = tfrecord.open_tfrecord(output_dir, "train", seed=seed)
-        return _order(source.dataset(shuffle_files=shuffle))
+    def order(seed):
+        source = tfrecord.open_tfrecord(output_dir, "train")
+        return _order(source.dataset(order_seed=seed))
 
-    assert order(7) == order(7)
-    plain = order(None, shuffle=False)
+    assert order([7, 0]) == order([7, 0])
+    plain = order(None)
     # 3 files: 6 orders; five seeds all giving the plain one is ~1e-4.
-    assert any(order(seed) != plain for seed in range(5))
+    assert any(order([seed, 0]) != plain for seed in range(5))
+    assert sorted(order([7, 0])) == sorted(plain)
 
 
 def test_open_tfrecord_auto_is_validation(written):

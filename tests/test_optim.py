@@ -11,6 +11,9 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf import optim
+from simclr_tf.config import schema as config_lib
+from simclr_tf.training import builders
+from simclr_tf.training import schedule as schedule_lib
 
 # Two float32 updates of O(1) values: round-off stays below 1e-6.
 RTOL = 1e-5
@@ -296,11 +299,47 @@ def test_build_optimizer_choices():
     assert lars.weight_decay_rate == 1e-6 and lars.momentum == 0.8
     sgd = optim.build_optimizer("momentum", 1, weight_decay=1e-6)
     assert isinstance(sgd, keras.optimizers.SGD)
-    assert sgd.momentum == 0.9 and not sgd.nesterov
+    assert sgd.momentum == 0.9 and sgd.nesterov  # GR's SGD(..., True)
     assert sgd.weight_decay is None  # decay goes in the loss instead
     adam = optim.build_optimizer("adam", 1e-3)
     assert isinstance(adam, keras.optimizers.Adam)
     assert adam.weight_decay is None
+
+
+@pytest.mark.parametrize("train_mode", ["pretrain", "finetune"])
+def test_momentum_steps_are_nesterov_in_every_train_mode(train_mode):
+    """Two steps of --optimizer=momentum against Nesterov's update written
+    out (Sutskever et al. 2013, as GR's Keras SGD(nesterov=True)):
+    v <- m v - lr g;  w <- w + m v - lr g."""
+    config = config_lib.from_dict(
+        {
+            "optimizer": "momentum",
+            "momentum": 0.9,
+            "learning_rate": 0.4,
+            "learning_rate_scaling": "linear",
+            "train_batch_size": 256,  # lr x 256 / 256: 0.4
+            "warmup_epochs": 0,
+            "weight_decay": 0,
+            "train_mode": train_mode,
+        },
+        explicit={"optimizer", "learning_rate", "learning_rate_scaling"},
+    )
+    schedule = schedule_lib.Schedule(
+        steps_per_epoch=100,
+        total_steps=10**9,  # the cosine stays at 1 over two steps
+        warmup_steps=0,
+        checkpoint_every=1,
+        steps_per_loop=1,
+    )
+    optimizer = builders.build_optimizer(config, schedule)
+    weights = keras.Variable(np.array([1.0, -2.0], np.float32))
+    expected, velocity = np.array([1.0, -2.0]), np.zeros(2)
+    for gradient in ([0.5, 1.0], [-0.25, 2.0]):
+        optimizer.apply_gradients([(tf.constant(gradient), weights)])
+        velocity = 0.9 * velocity - 0.4 * np.asarray(gradient)
+        expected = expected + 0.9 * velocity - 0.4 * np.asarray(gradient)
+    # float32 arithmetic against float64: a few ulps.
+    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-6)
 
 
 def test_build_optimizer_rejects_unknown_name():

@@ -194,7 +194,7 @@ def test_pretrain_input_fn_tfds_mock_cifar10():
     with tfds.testing.mock_data(
         num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE
     ):
-        source = registry.open_source("cifar10", "train", seed=0)
+        source = registry.open_source("cifar10", "train")
         input_fn = pipeline.pretrain_input_fn(
             source,
             global_batch_size=4,
@@ -262,7 +262,7 @@ def test_pretrain_input_fn_varying_image_sizes_fall_back_to_per_image():
         for i, shape in enumerate(shapes)
     ]
 
-    def loader(input_context, shuffle_files):
+    def records(input_context, order_seed):
         return tf.data.Dataset.from_generator(
             lambda: ((image, np.int64(0)) for image in images),
             output_signature=(
@@ -271,8 +271,13 @@ def test_pretrain_input_fn_varying_image_sizes_fall_back_to_per_image():
             ),
         )
 
+    reader = source_lib.Reader(
+        records=records,
+        decode=lambda image, label: (image, label),
+        count=lambda input_context: len(images),
+    )
     source = source_lib.Source(
-        "varying", "train", 4, 1, (None, None, 3), _loader=loader
+        "varying", "train", 4, 1, (None, None, 3), reader=reader
     )
     # Batching before cropping would fail on these shapes.
     batch = pretrain_batches(source, 1, global_batch_size=4)[0]

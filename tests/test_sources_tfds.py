@@ -94,7 +94,7 @@ def host_context(host: int, hosts: int) -> tf.distribute.InputContext:
 def test_open_source_mock_facts_come_from_builder_info(name):
     features = tfds.builder(name).info.features
     with tfds.testing.mock_data(num_examples=5, policy=MOCK):
-        source = registry.open_source(name, "train", seed=0)
+        source = registry.open_source(name, "train")
         first = next(source.dataset().as_numpy_iterator())
     assert source.num_classes == features["label"].num_classes
     assert source.class_names == tuple(features["label"].names)
@@ -118,7 +118,7 @@ def test_open_source_mock_imagenet2012_images_vary_in_size():
 )
 def test_pretrain_input_fn_mock_tfds_batches(name, num_classes):
     with tfds.testing.mock_data(num_examples=8, policy=MOCK):
-        source = registry.open_source(name, "train", seed=0)
+        source = registry.open_source(name, "train")
         input_fn = pipeline.pretrain_input_fn(
             source,
             global_batch_size=8,
@@ -244,7 +244,7 @@ def test_source_dataset_tfds_host_shards_partition_split(
     source = registry.open_source("tiny_tfds/full", split, data_dir=tiny_dir)
     shards = [
         example_ids(
-            source.dataset(host_context(host, hosts), shuffle_files=True)
+            source.dataset(host_context(host, hosts), order_seed=[3, host])
         )
         for host in range(hosts)
     ]
@@ -257,14 +257,16 @@ def test_source_dataset_tfds_host_shards_partition_split(
     # more hosts than files, where per-file sharding cannot work.
     sizes = [len(shard) for shard in shards]
     assert max(sizes) - min(sizes) <= 1
+    assert sizes == [
+        source.host_count(host_context(host, hosts)) for host in range(hosts)
+    ]
 
 
-def test_source_dataset_tfds_seeded_file_shuffle_repeats(tiny_dir):
+def test_source_dataset_tfds_order_seed_permutes_files_and_repeats(tiny_dir):
+    source = registry.open_source("tiny_tfds/full", "train", data_dir=tiny_dir)
+
     def order(seed):
-        source = registry.open_source(
-            "tiny_tfds/full", "train", data_dir=tiny_dir, seed=seed
-        )
-        return example_ids(source.dataset(shuffle_files=True))
+        return example_ids(source.dataset(order_seed=[seed, 0]))
 
     first = order(0)
     assert order(0) == first
@@ -273,6 +275,21 @@ def test_source_dataset_tfds_seeded_file_shuffle_repeats(tiny_dir):
     # (chance (1/24)^4 that all four agree by luck).
     assert any(order(seed) != first for seed in (1, 2, 3, 4))
     assert sorted(first) == list(range(40))
+
+
+def test_source_dataset_tfds_fixed_order_is_tfds_own_order(tiny_dir):
+    # The real-data path reads TFRecord file parts itself; without an
+    # order seed it must give exactly what tfds's as_dataset gives.
+    source = registry.open_source("tiny_tfds/full", "train", data_dir=tiny_dir)
+    builder = tfds.builder("tiny_tfds/full", data_dir=tiny_dir)
+    expected = builder.as_dataset(split="train", shuffle_files=False)
+    images = [int(e["image"][0, 0, 0]) for e in expected.as_numpy_iterator()]
+    assert example_ids(source.dataset()) == images
+    for hosts in (2, 3):
+        for host in range(hosts):
+            context = host_context(host, hosts)
+            ids = example_ids(source.dataset(context))
+            assert len(ids) == source.host_count(context)
 
 
 @pytest.mark.parametrize("split", ["foo", "foo[:10%]", "train[:10"])

@@ -49,7 +49,12 @@ def define_gr_flags() -> None:
     d.DEFINE_integer(
         "train_steps", 0, "Training length in steps; overrides train_epochs."
     )
-    d.DEFINE_integer("eval_steps", 0, "Eval steps; 0 = the whole split.")
+    d.DEFINE_integer(
+        "eval_steps",
+        0,
+        "Batches of --eval_batch_size to evaluate on; 0 = the whole eval "
+        "split.",
+    )
     d.DEFINE_integer("eval_batch_size", 256, "Batch size for evaluation.")
     d.DEFINE_integer("checkpoint_epochs", 1, "Checkpoint every N epochs.")
     d.DEFINE_integer(

@@ -21,7 +21,6 @@ def open_split(config: config_lib.Config, split: str) -> source_lib.Source:
         config.data.dataset,
         split,
         data_dir=config.data.data_dir,
-        seed=config.train.seed,
         verify_images=config.data.verify_images,
     )
 
@@ -32,9 +31,10 @@ def open_train_source(config: config_lib.Config) -> source_lib.Source:
 
 
 def pretrain_input_fn(
-    config: config_lib.Config, source: source_lib.Source
+    config: config_lib.Config, source: source_lib.Source, start_step: int = 0
 ) -> pipeline.InputFn:
-    """The two-view pretraining input_fn of `source` with the run's flags."""
+    """The two-view pretraining input_fn of `source` with the run's flags,
+    positioned where a run is after `start_step` steps."""
     data = config.data
     return pipeline.pretrain_input_fn(
         source,
@@ -47,13 +47,15 @@ def pretrain_input_fn(
         cache=data.cache_dataset,
         augment_on_device=data.augment_on_device,
         crop_min_area=data.crop_min_area,
+        start_step=start_step,
     )
 
 
 def finetune_input_fn(
-    config: config_lib.Config, source: source_lib.Source
+    config: config_lib.Config, source: source_lib.Source, start_step: int = 0
 ) -> pipeline.InputFn:
-    """The labelled crop + flip input_fn of the supervised train modes."""
+    """The labelled crop + flip input_fn of the supervised train modes,
+    positioned where a run is after `start_step` steps."""
     return pipeline.finetune_input_fn(
         source,
         global_batch_size=config.train.train_batch_size,
@@ -61,6 +63,7 @@ def finetune_input_fn(
         seed=config.train.seed,
         cache=config.data.cache_dataset,
         crop_min_area=config.data.crop_min_area,
+        start_step=start_step,
     )
 
 
@@ -78,6 +81,8 @@ def eval_input(
     config: config_lib.Config,
     source: source_lib.Source,
     limit: int | None = None,
+    *,
+    eval_split: bool = False,
 ) -> tf.data.Dataset:
     """One ordered pass over `source` with eval preprocessing.
 
@@ -85,6 +90,8 @@ def eval_input(
       config: the run's Config (eval batch size, image size).
       source: the split.
       limit: at most this many examples when > 0; None: --max_eval_examples.
+      eval_split: source is the --eval_split: --eval_steps > 0 (GR's flag)
+        then also stops it after that many batches of --eval_batch_size.
     """
     data = pipeline.eval_dataset(
         source,
@@ -95,6 +102,8 @@ def eval_input(
         limit = config.eval.max_eval_examples
     if limit > 0:
         data = data.unbatch().take(limit).batch(config.eval.eval_batch_size)
+    if eval_split and config.eval.eval_steps > 0:
+        data = data.take(config.eval.eval_steps)
     return data
 
 

@@ -125,35 +125,38 @@ def read_labels(source: source_lib.Source) -> np.ndarray:
     return np.concatenate(batches).astype(np.int64)
 
 
-def _subset_loader(
+def _subset_reader(
     source: source_lib.Source, indices: np.ndarray, num_read: int
-) -> source_lib.Loader:
-    """A loader yielding source examples at `indices`, in index order.
+) -> source_lib.Reader:
+    """A Reader yielding source examples at `indices`, in index order.
 
     Host i of n keeps subset positions i::n (as the array sources shard).
-    Every host reads the whole source in its fixed order and filters it.
+    Every host reads the whole source's records in their fixed order and
+    filters them, so no order seed applies here (pipeline.py's shuffle
+    buffer mixes the examples).
     """
 
-    def load(
+    def records(
         input_context: tf.distribute.InputContext | None,
-        shuffle_files: bool = False,
+        order_seed: tf.Tensor | None,
     ) -> tf.data.Dataset:
-        # The order must match the one the labels were read in, so files
-        # are never shuffled here; pipeline.py shuffles examples later.
-        del shuffle_files
-        mine = indices
-        if input_context is not None:
-            host = input_context.input_pipeline_id
-            mine = indices[host :: input_context.num_input_pipelines]
+        # The order must be the one the labels were read in.
+        del order_seed
+        first, stride = source_lib.host_share(input_context)
         keep = np.zeros([num_read], bool)
-        keep[mine] = True
+        keep[indices[first::stride]] = True
         keep = tf.constant(keep)
         stop = int(indices[-1]) + 1 if indices.size else 0
-        data = source.dataset().take(stop).enumerate()
-        data = data.filter(lambda index, example: tf.gather(keep, index))
-        return data.map(lambda index, example: example)
+        data = source.records().take(stop).enumerate()
+        data = data.filter(lambda index, record: tf.gather(keep, index))
+        return data.map(lambda index, record: record)
 
-    return load
+    return source_lib.Reader(
+        records=records,
+        decode=source.reader.decode,
+        count=lambda context: source_lib.strided_count(indices.size, context),
+        decode_may_fail=source.reader.decode_may_fail,
+    )
 
 
 def label_fraction_source(
@@ -199,5 +202,5 @@ def label_fraction_source(
         source,
         split=f"{source.split}(label_fraction={fraction:g},seed={seed})",
         num_examples=int(indices.size),
-        _loader=_subset_loader(source, indices, len(labels)),
+        reader=_subset_reader(source, indices, len(labels)),
     )

@@ -57,7 +57,7 @@ class KnnMonitor:
             model=state.model,
             # The bank is capped by knn_max_train_examples in knn_eval.
             train_data=run_data.eval_input(config, source, limit=0),
-            test_data=run_data.eval_input(config, test_source),
+            test_data=run_data.eval_input(config, test_source, eval_split=True),
             num_classes=source.num_classes,
             options={
                 "k": config.eval.knn_k,

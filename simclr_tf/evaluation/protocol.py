@@ -48,7 +48,7 @@ def run_linear_eval(
         train_source = run_data.open_train_source(config)
     test_source = run_data.open_split(config, config.data.eval_split)
     train_data = run_data.eval_input(config, train_source)
-    test_data = run_data.eval_input(config, test_source)
+    test_data = run_data.eval_input(config, test_source, eval_split=True)
     num_classes = state.num_classes
     result: dict[str, object] = {"eval/split": test_source.split}
     for prefix, featurize in _representations(config, state).items():
@@ -162,7 +162,7 @@ def write_run_reports(
                 for batch in test_data
             ]
         )
-    step = int(state.optimizer.iterations.numpy())
+    step = int(state.step.numpy())
     writer = tf.summary.create_file_writer(
         os.path.join(config.model_dir, "eval")
     )
@@ -205,7 +205,7 @@ def write_scalars(
     """Writes result's numbers to model_dir/eval at the state's step."""
     if not runtime.is_chief(state.strategy):
         return
-    step = int(state.optimizer.iterations.numpy())
+    step = int(state.step.numpy())
     writer = tf.summary.create_file_writer(
         os.path.join(config.model_dir, "eval")
     )

@@ -46,7 +46,7 @@ def evaluate_state(
         return protocol.run_linear_eval(config, state, source)
     started = time.time()
     test_source = run_data.open_split(config, config.data.eval_split)
-    test_data = run_data.eval_input(config, test_source)
+    test_data = run_data.eval_input(config, test_source, eval_split=True)
     scores = protocol.evaluate_classifier(state.model, test_data)
     protocol.write_run_reports(
         config,

@@ -65,7 +65,6 @@ def build_optimizer(
         learning_rate,
         momentum=config.optim.momentum,
         weight_decay=config.optim.weight_decay,
-        nesterov=config.train.train_mode == "lineareval",
     )
     if keras.mixed_precision.global_policy().name == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

@@ -88,10 +88,12 @@ def run_training(
     if chief:
         progress.write_config(config)
     progress.log_plan(config, state, train_source)
+    # The input continues where the restored step left it (exact resume).
+    start_step = int(state.step.numpy())
     input_fn = (
-        run_data.pretrain_input_fn(config, source)
+        run_data.pretrain_input_fn(config, source, start_step)
         if pretrain
-        else run_data.finetune_input_fn(config, train_source)
+        else run_data.finetune_input_fn(config, train_source, start_step)
     )
     iterator = iter(strategy.distribute_datasets_from_function(input_fn))
     train_loop = train_step.make_train_loop(
@@ -105,7 +107,7 @@ def run_training(
         )
     return {
         "preempted": last["preempted"],
-        "step": int(state.optimizer.iterations.numpy()),
+        "step": int(state.step.numpy()),
         "metrics": last.get("metrics", {}),
         "images_per_second": last.get("images_per_second", 0.0),
         "train_seconds": time.time() - started,
@@ -159,7 +161,7 @@ def _loop(
     """
     schedule = state.schedule
     batch = config.train.train_batch_size
-    step = int(state.optimizer.iterations.numpy())
+    step = int(state.step.numpy())
     metrics: dict[str, float] = {}
     timed_images, timed_seconds, first = 0, 0.0, True
     preempted = False
@@ -257,6 +259,7 @@ def _save(
     config: config_lib.Config, state: train_state.TrainState, step: int
 ) -> None:
     """Saves a checkpoint; non-chief workers save to scratch and drop it."""
+    state.step.assign(step)
     state.manager.save(checkpoint_number=step)
     runtime.discard_scratch(state.strategy, config.model_dir)
 

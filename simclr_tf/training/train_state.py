@@ -32,6 +32,7 @@ class TrainState:
     strategy: tf.distribute.Strategy
     model: simclr.SimCLRModel
     optimizer: keras.optimizers.Optimizer
+    step: tf.Variable
     manager: tf.train.CheckpointManager
     schedule: schedule_lib.Schedule
     num_classes: int
@@ -127,18 +128,26 @@ def build_state(
             logging.info("frozen (inference-mode BN): %s", frozen or "none")
         optimizer = builders.build_optimizer(config, schedule)
         optimizer.build(model.trainable_variables)
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        # Steps taken, which is what the input's position follows; the
+        # optimizer's iterations lag it when mixed_float16 skips updates.
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        checkpoint = tf.train.Checkpoint(
+            model=model, optimizer=optimizer, step=step
+        )
         manager = tf.train.CheckpointManager(
             checkpoint,
             directory=runtime.write_dir(strategy, config.model_dir),
             max_to_keep=config.train.keep_checkpoint_max,
-            step_counter=optimizer.iterations,
+            step_counter=step,
         )
         _restore_or_initialize(config, manager, model)
+        if int(step.numpy()) < int(optimizer.iterations.numpy()):
+            step.assign(optimizer.iterations)  # a checkpoint without "step"
     return TrainState(
         strategy=strategy,
         model=model,
         optimizer=optimizer,
+        step=step,
         manager=manager,
         schedule=schedule,
         num_classes=source.num_classes,

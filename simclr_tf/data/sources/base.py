@@ -1,15 +1,20 @@
 """What every dataset source is: the Source type, in-memory arrays, splits.
 
-A `Source` is one split: its size, classes, image shape and a loader that
-yields unbatched (uint8 image, int64 label) pairs, sharded per host. The
-concrete sources (fashion_mnist, synthetic, tfds, folder, tfrecord) build on
-this module; registry.open_source picks one by name.
+A `Source` is one split: its size, classes, image shape and a `Reader`
+that yields this host's undecoded records, in a fixed order or in an order
+drawn from a stateless seed, decodes them to (uint8 image, int64 label)
+pairs, and counts them. Reading and decoding are apart so that a training
+pipeline can shuffle and skip cheap records (indices, paths, serialized
+examples) and decode only what it keeps. The concrete sources
+(fashion_mnist, synthetic, tfds, folder, tfrecord) build on this module;
+registry.open_source picks one by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -21,7 +26,58 @@ AUTO_SPLIT = "auto"
 EVAL_SPLIT_PREFERENCE = ("validation", "test")
 
 
-Loader = Callable[..., tf.data.Dataset]
+class Reader(NamedTuple):
+    """How a Source reads one host's share of its split.
+
+    Attributes:
+      records: records(input_context, order_seed) -> this host's undecoded
+        records (indices, file paths, serialized examples), each example
+        once: in a fixed order when order_seed is None, else in the order
+        an int32 [2] stateless seed draws (a permutation of the examples,
+        or of the files for file-backed sources). Host i of n reads a
+        disjoint share; input_context None reads the whole split.
+      decode: decode(*record) -> (image [H, W, C] uint8, label [] int64).
+      count: count(input_context) -> the number of records that host's
+        records() yields.
+      decode_may_fail: decoding may meet a file broken after the source
+        was opened; such examples are dropped with a logged warning.
+    """
+
+    records: Callable[
+        [tf.distribute.InputContext | None, tf.Tensor | None], tf.data.Dataset
+    ]
+    decode: Callable[..., tuple[tf.Tensor, tf.Tensor]]
+    count: Callable[[tf.distribute.InputContext | None], int]
+    decode_may_fail: bool = False
+
+
+def host_share(
+    input_context: tf.distribute.InputContext | None,
+) -> tuple[int, int]:
+    """(first index, stride) of a host that takes every n-th item, as
+    Dataset.shard does; (0, 1) without an input context."""
+    if input_context is None:
+        return 0, 1
+    return input_context.input_pipeline_id, input_context.num_input_pipelines
+
+
+def strided_count(
+    count: int, input_context: tf.distribute.InputContext | None
+) -> int:
+    """How many of `count` items a host taking every n-th one gets."""
+    first, stride = host_share(input_context)
+    return len(range(first, count, stride))
+
+
+def permute(values: tf.Tensor, order_seed: tf.Tensor | None) -> tf.Tensor:
+    """values in a seeded random order along axis 0 (unchanged for None).
+
+    tf.random.experimental.stateless_shuffle: the same seed gives the same
+    permutation in any process, eagerly and inside tf.data.
+    """
+    if order_seed is None:
+        return values
+    return tf.random.experimental.stateless_shuffle(values, order_seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +116,7 @@ class Source:
     skipped_counts: Mapping[str, int] = dataclasses.field(
         default_factory=dict, compare=False
     )
-    _loader: Loader | None = dataclasses.field(
+    reader: Reader | None = dataclasses.field(
         default=None, repr=False, compare=False
     )
 
@@ -75,7 +131,7 @@ class Source:
         self,
         input_context: tf.distribute.InputContext | None = None,
         *,
-        shuffle_files: bool = False,
+        order_seed: tf.Tensor | None = None,
     ) -> tf.data.Dataset:
         """Unbatched (image, label) pairs, this host's shard only.
 
@@ -84,34 +140,76 @@ class Source:
             `num_input_pipelines` reads a disjoint shard (in-memory sources
             take every n-th example; tfds reads contiguous ranges from
             tfds.even_splits, any number of files); None reads all.
-          shuffle_files: let tfds read its files in shuffled order (seeded by
-            open_source's seed); in-memory sources ignore it.
+          order_seed: int32 [2]: read in the order this seed draws (see
+            Reader.records); None: the fixed order.
 
         Returns:
-          A dataset of (image [H, W, C] uint8, label [] int64), in a fixed
-          order unless shuffle_files is set.
+          A dataset of (image [H, W, C] uint8, label [] int64).
         """
-        if self._loader is None:
-            raise ValueError(f"Source {self.name!r} has no loader.")
-        return self._loader(input_context, shuffle_files)
+        return self.decode(self.records(input_context, order_seed))
 
-
-def _array_loader(images: np.ndarray, labels: np.ndarray) -> Loader:
-    """A loader over in-memory arrays; hosts take every n-th example."""
-
-    def load(
-        input_context: tf.distribute.InputContext | None,
-        shuffle_files: bool = False,
+    def records(
+        self,
+        input_context: tf.distribute.InputContext | None = None,
+        order_seed: tf.Tensor | None = None,
     ) -> tf.data.Dataset:
-        del shuffle_files  # Nothing to shuffle: one in-memory array.
-        x, y = images, labels
-        if input_context is not None:
-            index = input_context.input_pipeline_id
-            step = input_context.num_input_pipelines
-            x, y = x[index::step], y[index::step]  # as Dataset.shard does
-        return tf.data.Dataset.from_tensor_slices((x, y))
+        """This host's undecoded records (Reader.records)."""
+        return self._checked_reader().records(input_context, order_seed)
 
-    return load
+    def decode(self, records: tf.data.Dataset) -> tf.data.Dataset:
+        """records -> (image, label) pairs in the same order.
+
+        Decoding runs in parallel but keeps the order; records whose file
+        broke after the source was opened are dropped with a warning.
+        """
+        reader = self._checked_reader()
+        data = records.map(
+            reader.decode,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        if reader.decode_may_fail:
+            data = data.ignore_errors(log_warning=True)
+        return data
+
+    def host_count(
+        self, input_context: tf.distribute.InputContext | None = None
+    ) -> int:
+        """Examples this host reads in one pass (all, without a context)."""
+        return self._checked_reader().count(input_context)
+
+    def _checked_reader(self) -> Reader:
+        if self.reader is None:
+            raise ValueError(f"Source {self.name!r} has no reader.")
+        return self.reader
+
+
+def array_reader(images: np.ndarray, labels: np.ndarray) -> Reader:
+    """A Reader over in-memory arrays; host i of n takes examples i::n.
+
+    Records are example indices, so an order seed permutes every example
+    of the host's share, not only a window of them.
+    """
+    count = len(labels)
+    # Captured once; the indices are what tf.data shuffles and skips.
+    image_table, label_table = tf.constant(images), tf.constant(labels)
+
+    def records(
+        input_context: tf.distribute.InputContext | None,
+        order_seed: tf.Tensor | None,
+    ) -> tf.data.Dataset:
+        first, stride = host_share(input_context)
+        indices = tf.range(first, count, stride, dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices(permute(indices, order_seed))
+
+    def decode(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return tf.gather(image_table, index), tf.gather(label_table, index)
+
+    return Reader(
+        records=records,
+        decode=decode,
+        count=lambda input_context: strided_count(count, input_context),
+    )
 
 
 def from_arrays(
@@ -157,7 +255,7 @@ def from_arrays(
         image_shape=tuple(int(d) for d in images.shape[1:]),
         origin=origin,
         class_names=tuple(class_names),
-        _loader=_array_loader(images, labels.astype(np.int64)),
+        reader=array_reader(images, labels.astype(np.int64)),
     )
 
 

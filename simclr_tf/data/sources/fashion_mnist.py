@@ -130,9 +130,7 @@ def _fashion_mnist_from_idx(
     )
 
 
-def open_fashion_mnist(
-    split: str, data_dir: str | None, seed: int | None
-) -> base.Source:
+def open_fashion_mnist(split: str, data_dir: str | None) -> base.Source:
     split = base.resolve_split(
         "fashion_mnist", split, tuple(_FASHION_MNIST_FILES)
     )
@@ -151,4 +149,4 @@ def open_fashion_mnist(
         data_dir,
         FASHION_MNIST_SYSTEM_DIR,
     )
-    return tfds.open_tfds("fashion_mnist", split, data_dir, seed)
+    return tfds.open_tfds("fashion_mnist", split, data_dir)

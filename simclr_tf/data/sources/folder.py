@@ -309,41 +309,38 @@ def _read_example(path: tf.Tensor, label: tf.Tensor) -> tuple:
     return decode.decode_rgb(tf.io.read_file(path)), label
 
 
-def _folder_loader(listing: FolderListing, seed: int | None) -> base.Loader:
-    """A loader over the listing; host i of n reads files i::n."""
-    all_paths = np.array(listing.paths, dtype=object)
+def _folder_reader(listing: FolderListing) -> base.Reader:
+    """A Reader over the listing: records are (path, label); host i of n
+    reads files i::n; an order seed permutes all of the host's files."""
+    count = len(listing.paths)
 
-    def load(
+    def records(
         input_context: tf.distribute.InputContext | None,
-        shuffle_files: bool = False,
+        order_seed: tf.Tensor | None,
     ) -> tf.data.Dataset:
-        paths, labels = all_paths, listing.labels
-        if input_context is not None:
-            index = input_context.input_pipeline_id
-            step = input_context.num_input_pipelines
-            paths, labels = paths[index::step], labels[index::step]
-        data = tf.data.Dataset.from_tensor_slices(
-            (tf.constant(paths.tolist(), tf.string), labels)
+        first, stride = base.host_share(input_context)
+        paths = tf.constant(list(listing.paths[first::stride]), tf.string)
+        labels = tf.constant(listing.labels[first::stride], tf.int64)
+        # One permutation of the positions keeps paths and labels together.
+        order = base.permute(tf.range(tf.size(labels)), order_seed)
+        return tf.data.Dataset.from_tensor_slices(
+            (tf.gather(paths, order), tf.gather(labels, order))
         )
-        if shuffle_files:  # a full shuffle of this host's files, per epoch
-            data = data.shuffle(max(len(paths), 1), seed=seed)
-        data = data.map(
-            _read_example,
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        # Safety net for files changed or broken after list_folder checked
-        # them: they are dropped with a logged warning instead of stopping.
-        return data.ignore_errors(log_warning=True)
 
-    return load
+    return base.Reader(
+        records=records,
+        decode=_read_example,
+        count=lambda input_context: base.strided_count(count, input_context),
+        # Files changed or broken after list_folder checked them are
+        # dropped with a logged warning instead of stopping the run.
+        decode_may_fail=True,
+    )
 
 
 def open_folder(
     data_dir: str | None,
     split: str,
     *,
-    seed: int | None = None,
     verify: bool = True,
 ) -> base.Source:
     """Opens one split of an image folder as a Source (see `list_folder`).
@@ -351,15 +348,12 @@ def open_folder(
     Args:
       data_dir: the folder, as --data_dir.
       split: split name, "auto", or a slice such as "train[:90%]".
-      seed: seeds the file shuffle when the loader is asked to shuffle;
-        None shuffles differently each run.
       verify: decode every image once now to drop undecodable ones.
 
     Returns:
       A Source named "folder" yielding (image [H, W, 3] uint8, label []
       int64) with image_shape (None, None, 3); num_classes is 0 and labels
-      are -1 for a flat folder. Host i of n reads files i::n; with
-      shuffle_files the host's files are shuffled each epoch.
+      are -1 for a flat folder. Host i of n reads files i::n.
 
     Raises:
       ValueError: data_dir unset, an unknown split, a malformed slice, or no
@@ -386,5 +380,5 @@ def open_folder(
         origin=listing.root,
         class_names=listing.class_names,
         skipped=listing.skipped,
-        _loader=_folder_loader(listing, seed),
+        reader=_folder_reader(listing),
     )

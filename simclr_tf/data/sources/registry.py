@@ -21,7 +21,6 @@ def open_source(
     split: str,
     *,
     data_dir: str | None = None,
-    seed: int | None = None,
     verify_images: bool = True,
 ) -> base.Source:
     """Opens one split of a dataset by name.
@@ -47,7 +46,6 @@ def open_source(
         (num_examples is then the slice's size).
       data_dir: the folder or shard directory for folder / tfrecord, the
         IDX directory for fashion_mnist, the tfds data_dir otherwise.
-      seed: seeds file shuffling; None shuffles differently each run.
       verify_images: folder only: decode every image once when opening, so
         that unreadable files are counted exactly (Source.skipped).
 
@@ -61,13 +59,11 @@ def open_source(
         cannot be: it needs a manual download, or the download failed.
     """
     if dataset == "folder":
-        return folder.open_folder(
-            data_dir, split, seed=seed, verify=verify_images
-        )
+        return folder.open_folder(data_dir, split, verify=verify_images)
     if dataset == "tfrecord":
-        return tfrecord.open_tfrecord(data_dir, split, seed=seed)
+        return tfrecord.open_tfrecord(data_dir, split)
     if dataset == "fashion_mnist":
-        return fashion_mnist.open_fashion_mnist(split, data_dir, seed)
+        return fashion_mnist.open_fashion_mnist(split, data_dir)
     if dataset in synthetic.DATASETS:
         return synthetic.open_synthetic(dataset, split)
-    return tfds.open_tfds(dataset, split, data_dir, seed)
+    return tfds.open_tfds(dataset, split, data_dir)

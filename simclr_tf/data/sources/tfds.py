@@ -9,7 +9,7 @@ synthetic data.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -18,7 +18,6 @@ from absl import logging
 
 from simclr_tf.data.sources import base
 
-Loader = Callable[..., tf.data.Dataset]
 # Errors a failed download raises: requests' ConnectionError and Timeout are
 # OSErrors; tfds raises DownloadError for HTTP errors.
 _DOWNLOAD_ERRORS = (OSError, tfds.download.DownloadError)
@@ -136,13 +135,13 @@ def _describe_splits(builder_: tfds.core.DatasetBuilder) -> str:
 
 
 def num_examples(
-    builder_: tfds.core.DatasetBuilder, split: str, load: Loader
+    builder_: tfds.core.DatasetBuilder, split: str, read: base.Reader
 ) -> int:
     """Examples in `split`, a split name or a slice such as "train[:10%]".
 
     From the builder's split info, which tfds resolves for slices too; when
     the info has no splits (only under tfds.testing.mock_data, whose data
-    ignores the split), one pass of `load(None, False)` is counted.
+    ignores the split), one pass of the reader's records is counted.
 
     Raises:
       ValueError: the split (or the split a slice names) does not exist, the
@@ -159,10 +158,7 @@ def num_examples(
                 f"such as 'train[:10%]' or 'test[:500]' ({cause})."
             ) from None
     else:
-        data = load(None, False)
-        count = int(data.cardinality())
-        if count < 0:  # unknown or infinite: count one pass
-            count = int(data.reduce(np.int64(0), lambda n, _: n + 1))
+        count = read.count(None)
     if count == 0:
         raise ValueError(
             f"split={split!r} of {builder_.name} selects no examples; widen "
@@ -171,55 +167,96 @@ def num_examples(
     return count
 
 
-def loader(
-    builder_: tfds.core.DatasetBuilder, split: str, seed: int | None
-) -> Loader:
-    """A Source loader over `split` of a prepared builder.
-
-    With an input context of n > 1 pipelines, host i reads
-    `tfds.even_splits(split, n)[i]`: contiguous, disjoint example ranges of
-    equal size (+-1) that together cover the split, whatever the number of
+def _host_split(split: str, input_context: tf.distribute.InputContext | None):
+    """This host's part of `split`: all of it, or with n > 1 pipelines
+    host i's `tfds.even_splits(split, n)[i]`: contiguous, disjoint example
+    ranges of equal size (+-1) covering the split, whatever the number of
     files. (tfds's per-file sharding through ReadConfig(input_context=...)
     fails with fewer files than hosts, e.g. cifar10's single train file,
-    and gives unequal shards otherwise.) Under tfds.testing.mock_data the
-    split and read config are ignored and every host gets the mock data.
+    and gives unequal shards otherwise.)"""
+    if input_context is None or input_context.num_input_pipelines == 1:
+        return split
+    shards = tfds.even_splits(split, n=input_context.num_input_pipelines)
+    return shards[input_context.input_pipeline_id]
+
+
+def _file_instructions(
+    builder_: tfds.core.DatasetBuilder, read_split: object
+) -> list | None:
+    """(file, skip, take) of each file part of read_split, or None where
+    tfds must read it itself: under mock_data (no split info) or for a
+    file format other than TFRecord."""
+    if not split_names(builder_):
+        return None
+    if builder_.info.file_format != tfds.core.FileFormat.TFRECORD:
+        return None
+    return list(builder_.info.splits[read_split].file_instructions)
+
+
+def reader(builder_: tfds.core.DatasetBuilder, split: str) -> base.Reader:
+    """A Reader over `split` of a prepared builder.
+
+    Records are the serialized examples of the split's TFRecord files, read
+    file part by file part as tfds's file instructions say (tfds's own
+    as_dataset reads them the same way); an order seed permutes those parts
+    and interleaves 16 of them, as tfds's shuffle_files does, but from a
+    stateless seed, so that an epoch's order is a function of the seed.
+    Under tfds.testing.mock_data (and for other file formats) tfds reads
+    in its fixed order and the split is ignored by the mock.
     """
+    features_ = builder_.info.features
 
-    def load(
+    def records(
         input_context: tf.distribute.InputContext | None,
-        shuffle_files: bool = False,
+        order_seed: tf.Tensor | None,
     ) -> tf.data.Dataset:
-        read_split = split
-        if input_context is not None and input_context.num_input_pipelines > 1:
-            hosts = input_context.num_input_pipelines
-            shards = tfds.even_splits(split, n=hosts)
-            read_split = shards[input_context.input_pipeline_id]
-        data = builder_.as_dataset(
-            split=read_split,
-            shuffle_files=shuffle_files,
-            read_config=tfds.ReadConfig(shuffle_seed=seed),
+        read_split = _host_split(split, input_context)
+        parts = _file_instructions(builder_, read_split)
+        if parts is None:
+            return builder_.as_dataset(split=read_split, shuffle_files=False)
+        order = base.permute(tf.range(len(parts)), order_seed)
+        columns = (
+            tf.constant([part.filename for part in parts], tf.string),
+            tf.constant([part.skip for part in parts], tf.int64),
+            tf.constant([part.take for part in parts], tf.int64),
         )
-        return data.map(
-            lambda example: (
-                example["image"],
-                tf.cast(example["label"], tf.int64),
-            )
+        table = tf.data.Dataset.from_tensor_slices(
+            tuple(tf.gather(column, order) for column in columns)
+        )
+        return table.interleave(
+            lambda path, skip, take: (
+                tf.data.TFRecordDataset(path).skip(skip).take(take)
+            ),
+            cycle_length=1 if order_seed is None else min(len(parts), 16),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
         )
 
-    return load
+    def decode(record: tf.Tensor | dict) -> tuple[tf.Tensor, tf.Tensor]:
+        example = record
+        if not isinstance(record, dict):
+            example = features_.deserialize_example(record)
+        return example["image"], tf.cast(example["label"], tf.int64)
+
+    def count(input_context: tf.distribute.InputContext | None) -> int:
+        read_split = _host_split(split, input_context)
+        if split_names(builder_):
+            return int(builder_.info.splits[read_split].num_examples)
+        data = records(input_context, None)  # mock data: count one pass
+        return int(data.reduce(np.int64(0), lambda n, _: n + 1))
+
+    return base.Reader(records=records, decode=decode, count=count)
 
 
-def open_tfds(
-    name: str, split: str, data_dir: str | None, seed: int | None
-) -> base.Source:
+def open_tfds(name: str, split: str, data_dir: str | None) -> base.Source:
     """A Source over a tfds builder: facts from its info, prepared first."""
     other_names = ["fashion_mnist", "synthetic", "synthetic_gray"]
     builder_ = builder(name, data_dir, other_names)
     image_shape, class_names = features(name, builder_.info)
     prepare(builder_)
     split = base.resolve_split(name, split, split_names(builder_))
-    load = loader(builder_, split, seed)
-    count = num_examples(builder_, split, load)
+    read = reader(builder_, split)
+    count = num_examples(builder_, split, read)
     logging.info(
         "%s %s: %d examples in %s", name, split, count, builder_.data_dir
     )
@@ -231,5 +268,5 @@ def open_tfds(
         image_shape=image_shape,
         origin=f"tfds:{builder_.data_dir}",
         class_names=class_names,
-        _loader=load,
+        reader=read,
     )

@@ -9,13 +9,13 @@ one split as a `base.Source`. Decoding is decode.py's `decode_rgb`.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 
 import tensorflow as tf
 from absl import logging
 
+from simclr_tf import file_io
 from simclr_tf.data.sources import base, decode, folder
 
 FORMAT_VERSION = 1
@@ -47,7 +47,7 @@ def read_info(data_dir: str) -> dict:
       ValueError: the file is missing (with the command that writes it), is
         not JSON, or has a format version this code does not read.
     """
-    path = os.path.join(data_dir, INFO_FILE)
+    path = file_io.join(data_dir, INFO_FILE)
     if not tf.io.gfile.exists(path):
         where = "" if tf.io.gfile.isdir(data_dir) else " (no such directory)"
         raise ValueError(
@@ -101,13 +101,16 @@ def _resolve_split(data_dir: str, split: str, splits: Mapping) -> str:
     )
 
 
-def _shard_paths(data_dir: str, split: str, entry: Mapping) -> list[str]:
-    """The split's shard files, sorted; raises if any is missing."""
+def _shard_paths(
+    data_dir: str, split: str, entry: Mapping
+) -> tuple[list[str], list[int]]:
+    """The split's shard files, sorted, and their example counts; raises
+    if any is missing."""
     names = [shard["file"] for shard in entry["shards"]]
     missing = [
         name
         for name in names
-        if not tf.io.gfile.exists(os.path.join(data_dir, name))
+        if not tf.io.gfile.exists(file_io.join(data_dir, name))
     ]
     if missing:
         raise FileNotFoundError(
@@ -116,7 +119,11 @@ def _shard_paths(data_dir: str, split: str, entry: Mapping) -> list[str]:
             f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. "
             f"Copy them there, or rewrite the split with {_TOOL} --overwrite."
         )
-    return sorted(os.path.join(data_dir, name) for name in names)
+    shards = sorted(
+        (file_io.join(data_dir, shard["file"]), int(shard["num_examples"]))
+        for shard in entry["shards"]
+    )
+    return [path for path, _ in shards], [count for _, count in shards]
 
 
 def _skipped(entry: Mapping) -> tuple[dict, dict]:
@@ -142,69 +149,73 @@ def _parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def _host_files(
-    files: tf.data.Dataset,
-    num_files: int,
+    paths: list[str],
+    counts: list[int],
     input_context: tf.distribute.InputContext | None,
-) -> tuple[tf.data.Dataset, bool]:
-    """(this host's files, whether records must be sharded instead)."""
-    if input_context is None or input_context.num_input_pipelines == 1:
-        return files, False
-    hosts = input_context.num_input_pipelines
-    if num_files >= hosts:
-        return files.shard(hosts, input_context.input_pipeline_id), False
+) -> tuple[list[str], list[int], bool]:
+    """(this host's files, their example counts, whether records must be
+    sharded instead: every host reads every file and keeps records i::n)."""
+    hosts = 1 if input_context is None else input_context.num_input_pipelines
+    if hosts == 1:
+        return paths, counts, False
+    if len(paths) >= hosts:
+        first, stride = base.host_share(input_context)
+        return paths[first::stride], counts[first::stride], False
     logging.warning(
         "tfrecord: %d shard file(s) for %d hosts, so every host reads all "
         "files and keeps every %d-th record; write at least %d shards "
         "(--num_shards) to read only a host's own files",
-        num_files,
+        len(paths),
         hosts,
         hosts,
         hosts,
     )
-    return files, True
+    return paths, counts, True
 
 
-def _tfrecord_loader(paths: list[str], seed: int | None) -> base.Loader:
-    """A loader over shard files; host i of n reads files i::n."""
+def _tfrecord_reader(paths: list[str], counts: list[int]) -> base.Reader:
+    """A Reader over shard files (records: serialized examples); host i of
+    n reads files i::n; an order seed permutes the host's files."""
 
-    def load(
+    def records(
         input_context: tf.distribute.InputContext | None,
-        shuffle_files: bool = False,
+        order_seed: tf.Tensor | None,
     ) -> tf.data.Dataset:
-        files = tf.data.Dataset.from_tensor_slices(tf.constant(paths))
-        files, by_record = _host_files(files, len(paths), input_context)
-        if by_record and seed is None:
-            # Hosts cannot agree on an unseeded order; records are only
-            # disjoint across hosts when every host reads the same order.
-            shuffle_files = False
-        if shuffle_files:  # this host's file order, reshuffled each epoch
-            files = files.shuffle(len(paths), seed=seed)
-        deterministic = not shuffle_files or seed is not None
-        data = files.interleave(
+        files, _, by_record = _host_files(paths, counts, input_context)
+        if by_record:
+            # Records are disjoint across hosts only if every host reads
+            # the same order, which a per-host seed would not give.
+            order_seed = None
+        files = base.permute(tf.constant(files), order_seed)
+        data = tf.data.Dataset.from_tensor_slices(files).interleave(
             lambda path: tf.data.TFRecordDataset(
                 path, buffer_size=_READ_BUFFER_BYTES
             ),
             cycle_length=min(len(paths), _MAX_OPEN_SHARDS),
             num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=deterministic,
+            deterministic=True,
         )
         if by_record:
-            hosts = input_context.num_input_pipelines
-            data = data.shard(hosts, input_context.input_pipeline_id)
-        data = data.map(
-            _parse,
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=deterministic,
-        )
-        # Safety net for a corrupt record or image: dropped with a warning.
-        return data.ignore_errors(log_warning=True)
+            first, stride = base.host_share(input_context)
+            data = data.shard(stride, first)
+        return data
 
-    return load
+    def count(input_context: tf.distribute.InputContext | None) -> int:
+        _, host_counts, by_record = _host_files(paths, counts, input_context)
+        if by_record:
+            return base.strided_count(sum(counts), input_context)
+        return sum(host_counts)
+
+    return base.Reader(
+        records=records,
+        decode=_parse,
+        count=count,
+        # A corrupt record or image is dropped with a logged warning.
+        decode_may_fail=True,
+    )
 
 
-def open_tfrecord(
-    data_dir: str | None, split: str, *, seed: int | None = None
-) -> base.Source:
+def open_tfrecord(data_dir: str | None, split: str) -> base.Source:
     """Opens one split of a TFRecord shard directory as a Source.
 
     Every fact (example count, classes, files skipped when the shards were
@@ -215,8 +226,6 @@ def open_tfrecord(
         --data_dir; local or any tf.io.gfile path (gs://...).
       split: a split name in dataset_info.json, or "auto": the first of
         validation, val, test it has. Slices are not supported.
-      seed: seeds the file shuffle when the loader is asked to shuffle (the
-        order then repeats run to run); None shuffles differently each run.
 
     Returns:
       A Source named "tfrecord" yielding (image [H, W, 3] uint8, label []
@@ -238,7 +247,7 @@ def open_tfrecord(
     info = read_info(data_dir)
     name = _resolve_split(data_dir, split, info["splits"])
     entry = info["splits"][name]
-    paths = _shard_paths(data_dir, name, entry)
+    paths, counts = _shard_paths(data_dir, name, entry)
     skipped, skipped_counts = _skipped(entry)
     logging.info(
         "tfrecord %s split %s: %d images in %d shards, %d classes, %d files "
@@ -260,5 +269,5 @@ def open_tfrecord(
         class_names=tuple(str(n) for n in entry.get("class_names", ())),
         skipped=skipped,
         skipped_counts=skipped_counts,
-        _loader=_tfrecord_loader(paths, seed),
+        reader=_tfrecord_reader(paths, counts),
     )
