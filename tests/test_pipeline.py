@@ -391,3 +391,23 @@ def test_crop_min_area_reaches_both_pipelines_through_the_config(batched):
                     _assert_whole_image_or_mirror(
                         view.numpy(), label.numpy(), images
                     )
+
+
+def test_eval_steps_caps_only_the_eval_split_at_that_many_batches():
+    """GR's --eval_steps: batches of --eval_batch_size evaluated; the train
+    split's features (linear protocol, kNN bank) are not cut."""
+    config = config_lib.from_dict(
+        {
+            "dataset": "synthetic",
+            "image_size": SIZE,
+            "eval_batch_size": 16,
+            "eval_steps": 2,
+        }
+    )
+    source = registry.open_source("synthetic", "test")  # 256 images
+    capped = list(run_data.eval_input(config, source, eval_split=True))
+    whole = list(run_data.eval_input(config, source))
+    assert [len(batch["label"]) for batch in capped] == [16, 16]
+    assert sum(len(batch["label"]) for batch in whole) == 256
+    for got, want in zip(capped, whole[:2], strict=True):
+        np.testing.assert_array_equal(got["image"], want["image"])
