@@ -22,12 +22,21 @@ def synchronized_batch_norm(
     """Training-mode BN with statistics over every replica's batch.
 
     Must run in a replica context. Forward: one all-reduce of the per-
-    channel sums of x and x^2 (float32), then y = x scale + shift in the
-    input's dtype. Backward, with a hand-written gradient: the fused
-    gradient kernel, one all-reduce of the sums of dy and dy xhat, and one
-    element-wise correction, so that dx is the gradient of BN over the
-    global batch (as autodiff through Keras's synchronised BN gives) in far
-    fewer passes over the activations.
+    channel sums of x and x^2 (float32), then y = (x - mean) scale + beta
+    formed in float32 and rounded once to the input's dtype. (Applying
+    x scale + (beta - mean scale) in bfloat16, as the fused kernel's
+    algebra suggests, loses the result when |mean| >> std: x scale and the
+    shift are then large and nearly cancel, each rounded to 8 bits.)
+    Backward, with a hand-written gradient: the fused gradient kernel, one
+    all-reduce of the sums of dy and dy xhat, and one element-wise
+    correction, so that dx is the gradient of BN over the global batch (as
+    autodiff through Keras's synchronised BN gives) in far fewer passes over
+    the activations. Both all-reduces go through ReplicaContext.all_reduce,
+    which needs no merge_call inside XLA-compiled replica functions.
+
+    The variance is E[x^2] - E[x]^2 in float32, whose round-off relative to
+    the variance is about 1e-7 (mean / std)^2: 1e-3 at mean = 100 std, below
+    bfloat16's 4e-3 resolution.
 
     Args:
       inputs: [..., C] float (float32 or bfloat16/float16 activations).
@@ -62,9 +71,9 @@ def synchronized_batch_norm(
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        scale = scale_of(gamma)
-        shift = beta - mean * scale
-        y = x * tf.cast(scale, x.dtype) + tf.cast(shift, x.dtype)
+        # float32, exact (Sterbenz) wherever x is within 2x of the mean.
+        centred = tf.cast(x, tf.float32) - mean
+        y = tf.cast(centred * scale_of(gamma) + beta, x.dtype)
 
         def gradient(dy):
             # One fused kernel gives gamma inverse dy and this replica's
