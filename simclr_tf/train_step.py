@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from simclr_tf import config as config_lib
-from simclr_tf import losses
+from simclr_tf import loss_scale, losses
 from simclr_tf.data import pipeline
 from simclr_tf.models import simclr
 
@@ -203,6 +203,9 @@ def _update(
     """One optimizer update of the trainable variables; float32 metrics."""
     variables = model.trainable_variables
     gradients = tape.gradient(scaled_loss, variables)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        # Keras judges each replica's own gradients: agree on overflow first.
+        gradients = loss_scale.share_non_finite(gradients)
     optimizer.apply_gradients(zip(gradients, variables, strict=True))
     return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
 
