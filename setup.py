@@ -28,6 +28,11 @@ setuptools.setup(
         # t-SNE map of the evaluation reports.
         "scikit-learn>=1.4",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist", "ruff"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist", "ruff"],
+        # TensorFlow's CUDA build (the plain wheel cannot see NVIDIA GPUs
+        # without the CUDA libraries this pulls in).
+        "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
+    },
     entry_points={"console_scripts": ["simclr_tf=simclr_tf.cli:run_main"]},
 )

@@ -1,21 +1,23 @@
 """Strategy resolution, virtual CPU devices and the precision policy.
 
-The only module that knows which hardware a run is on: everything else runs
-the same code under whatever tf.distribute.Strategy this returns.
+With hardware.py (what the machine has), the only module that knows which
+hardware a run is on: everything else runs the same code under whatever
+tf.distribute.Strategy this returns.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
 import threading
+from collections.abc import Mapping
 
 import keras
 import tensorflow as tf
 from absl import logging
 
+from simclr_tf import hardware as hardware_lib
 from simclr_tf.config import schema as config_lib
 
 
@@ -48,42 +50,120 @@ def configure_virtual_cpus(count: int) -> None:
         ) from error
 
 
-def tpu_present(runtime: config_lib.Runtime) -> bool:
-    """Whether a TPU was named or this machine is a TPU VM."""
+def tpu_present(
+    runtime: config_lib.Runtime, hardware: hardware_lib.Hardware | None = None
+) -> bool:
+    """Whether a TPU was named (--use_tpu, --tpu_name) or was found."""
     if runtime.use_tpu or runtime.tpu_name:
         return True
-    return bool(glob.glob("/dev/accel*")) or "TPU_NAME" in os.environ
+    return (hardware or hardware_lib.detect()).tpu is not None
 
 
-def resolve_strategy_name(runtime: config_lib.Runtime) -> str:
-    """Resolves --strategy=auto to default, mirrored, multi_worker or tpu.
+def resolve_strategy(
+    runtime: config_lib.Runtime, hardware: hardware_lib.Hardware | None = None
+) -> tuple[str, str]:
+    """Resolves --strategy=auto, and says why.
 
-    auto: TPU when --use_tpu/--tpu_name or a TPU VM is present, multi_worker
-    when TF_CONFIG names more than one task, mirrored over all GPUs (or
-    virtual CPUs) when there are any, else the default strategy.
+    auto: TPU when --use_tpu/--tpu_name or a TPU is found (hardware.py),
+    multi_worker when TF_CONFIG names more than one task, mirrored over all
+    GPUs (or virtual CPUs) when there are any, else the default strategy.
+
+    Args:
+      runtime: the Runtime config.
+      hardware: what this machine has; detected when None.
+
+    Returns:
+      (one of default, mirrored, multi_worker, tpu; the reason, e.g.
+      "found TPU v5e VM (4 PCI device(s) 1ae0:0063, ...; /dev/vfio/0-3)").
     """
     if runtime.strategy != "auto":
-        return runtime.strategy
-    if tpu_present(runtime):
-        return "tpu"
-    if cluster_size() > 1:
-        return "multi_worker"
-    if tf.config.list_physical_devices("GPU") or runtime.num_virtual_cpus > 1:
-        return "mirrored"
-    return "default"
+        return runtime.strategy, f"--strategy={runtime.strategy}"
+    if runtime.tpu_name:
+        return "tpu", f"--tpu_name={runtime.tpu_name}"
+    if runtime.use_tpu:
+        return "tpu", "--use_tpu"
+    hardware = hardware or hardware_lib.detect()
+    if hardware.tpu is not None:
+        return "tpu", f"found {hardware.tpu.describe()}"
+    tasks = cluster_size()
+    if tasks > 1:
+        return "multi_worker", f"TF_CONFIG names {tasks} tasks"
+    if hardware.gpus:
+        names = ", ".join(gpu.name for gpu in hardware.gpus)
+        return "mirrored", f"found {len(hardware.gpus)} GPU(s): {names}"
+    if runtime.num_virtual_cpus > 1:
+        return "mirrored", f"--num_virtual_cpus={runtime.num_virtual_cpus}"
+    return "default", "no TPU, GPU or multi-worker TF_CONFIG found"
 
 
-def make_strategy(runtime: config_lib.Runtime) -> tf.distribute.Strategy:
-    """Builds the tf.distribute.Strategy a run uses.
+def resolve_strategy_name(
+    runtime: config_lib.Runtime, hardware: hardware_lib.Hardware | None = None
+) -> str:
+    """resolve_strategy's name alone: default, mirrored, multi_worker, tpu."""
+    return resolve_strategy(runtime, hardware)[0]
+
+
+def check_devices(
+    name: str, runtime: config_lib.Runtime, hardware: hardware_lib.Hardware
+) -> None:
+    """Raises ValueError when strategy `name` has no devices to run on.
+
+    Args:
+      name: the resolved strategy name.
+      runtime: the Runtime config.
+      hardware: what this machine has.
+    """
+    if name == "mirrored" and not (
+        hardware.gpus or runtime.num_virtual_cpus > 1
+    ):
+        raise ValueError(
+            "--strategy=mirrored needs GPUs that TensorFlow can use or "
+            "--num_virtual_cpus=N (N > 1), but TensorFlow sees no GPU here"
+            f"{_hidden_gpu_hint(hardware)}; use --strategy=auto, or "
+            "--num_virtual_cpus=2 to try replicas on the CPU."
+        )
+    if name == "tpu" and not (runtime.tpu_name or hardware.tpu):
+        raise ValueError(
+            f"{'--use_tpu' if runtime.use_tpu else '--strategy=tpu'} but no "
+            "TPU was found (no /dev/accel<n>, TPU /dev/vfio/<n> or TPU PCI "
+            f"device, no {' / '.join(hardware_lib.TPU_VARIABLES)}); pass "
+            "--tpu_name=NAME for a TPU elsewhere, or use --strategy=auto."
+        )
+
+
+def _hidden_gpu_hint(hardware: hardware_lib.Hardware) -> str:
+    if not hardware.hidden_gpu:
+        return ""
+    return (
+        f"; an NVIDIA GPU is present ({hardware.nvidia_driver}) but this "
+        'TensorFlow cannot use it: pip install "simclr_tf[gpu]" (or '
+        '"tensorflow[and-cuda]")'
+    )
+
+
+def make_strategy(
+    runtime: config_lib.Runtime, hardware: hardware_lib.Hardware | None = None
+) -> tf.distribute.Strategy:
+    """Builds the tf.distribute.Strategy a run uses; logs what and why.
 
     Args:
       runtime: the Runtime config (strategy, num_virtual_cpus, TPU names).
+      hardware: what this machine has; detected when None.
 
     Returns:
       A Default, Mirrored, MultiWorkerMirrored or TPU strategy.
+
+    Raises:
+      ValueError: --strategy=mirrored or tpu (or --use_tpu) without such
+        devices.
     """
     configure_virtual_cpus(runtime.num_virtual_cpus)
-    name = resolve_strategy_name(runtime)
+    hardware = hardware or hardware_lib.detect()
+    name, reason = resolve_strategy(runtime, hardware)
+    check_devices(name, runtime, hardware)
+    logging.info("strategy %s: %s", name, reason)
+    if hardware.hidden_gpu:
+        logging.warning("running without a GPU%s.", _hidden_gpu_hint(hardware))
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -95,7 +175,7 @@ def make_strategy(runtime: config_lib.Runtime) -> tf.distribute.Strategy:
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-        tpu=_tpu_address(runtime),
+        tpu=_tpu_address(runtime, hardware),
         zone=runtime.tpu_zone,
         project=runtime.gcp_project,
     )
@@ -104,11 +184,16 @@ def make_strategy(runtime: config_lib.Runtime) -> tf.distribute.Strategy:
     return tf.distribute.TPUStrategy(resolver)
 
 
-def _tpu_address(runtime: config_lib.Runtime) -> str:
+def _tpu_address(
+    runtime: config_lib.Runtime,
+    hardware: hardware_lib.Hardware,
+    environ: Mapping[str, str] | None = None,
+) -> str:
     """--tpu_name, else "local" on a TPU VM, else "" (TPU_NAME decides)."""
+    environ = os.environ if environ is None else environ
     if runtime.tpu_name:
         return runtime.tpu_name
-    if glob.glob("/dev/accel*") and "TPU_NAME" not in os.environ:
+    if hardware.tpu and hardware.tpu.local and "TPU_NAME" not in environ:
         return "local"
     return ""
 
@@ -134,29 +219,61 @@ def cluster_size() -> int:
         ) from error
 
 
-def resolve_precision(precision: str, strategy_name: str) -> str:
+def resolve_precision(
+    precision: str,
+    strategy_name: str,
+    hardware: hardware_lib.Hardware | None = None,
+) -> str:
     """Resolves --precision=auto to a Keras mixed-precision policy name.
 
-    auto: mixed_bfloat16 on TPU (what TPUs are built for) and on CPUs with
-    AVX-512 BF16 (measured faster here, benchmarks/RESULTS.md); float32 on
-    GPUs and older CPUs, where bfloat16 is emulated or unsupported.
+    auto: mixed_bfloat16 on TPUs (what they are built for) and on GPUs of
+    compute capability 8.0 and up (bfloat16 tensor cores, no loss scaling);
+    mixed_float16 on 7.x GPUs (float16 tensor cores only); float32 on older
+    GPUs (Keras: no mixed-precision speed-up below 7.0). CPUs: bfloat16
+    where the CPU has AVX-512 BF16 or AMX (measured faster,
+    benchmarks/RESULTS.md), else float32. Logs the choice and why.
+
+    Args:
+      precision: --precision (auto, float32, mixed_bfloat16, mixed_float16).
+      strategy_name: the resolved strategy.
+      hardware: what this machine has; detected when None.
+
+    Returns:
+      The policy name.
     """
     if precision != "auto":
         return precision
+    name, reason = _auto_precision(
+        strategy_name, hardware or hardware_lib.detect()
+    )
+    logging.info("precision %s: %s", name, reason)
+    return name
+
+
+def _auto_precision(
+    strategy_name: str, hardware: hardware_lib.Hardware
+) -> tuple[str, str]:
     if strategy_name == "tpu":
-        return "mixed_bfloat16"
-    if tf.config.list_physical_devices("GPU"):
-        return "float32"
-    return "mixed_bfloat16" if cpu_has_bf16() else "float32"
+        return "mixed_bfloat16", "TPU"
+    if hardware.gpus:
+        capabilities = [gpu.compute_capability for gpu in hardware.gpus]
+        if None in capabilities:
+            return "float32", "GPU of unknown compute capability"
+        least = min(capabilities)
+        text = f"GPU compute capability {least[0]}.{least[1]}"
+        if least >= (8, 0):
+            return "mixed_bfloat16", f"{text} (bfloat16 tensor cores)"
+        if least >= (7, 0):
+            return "mixed_float16", f"{text} (float16 tensor cores)"
+        return "float32", f"{text} (no tensor cores)"
+    if hardware.cpu_bf16:
+        return "mixed_bfloat16", f"CPU with {', '.join(hardware.cpu_bf16)}"
+    return "float32", "CPU without AVX-512 BF16 or AMX"
 
 
-def cpu_has_bf16() -> bool:
-    """Whether the CPU advertises AVX-512 BF16 instructions (Linux only)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return "avx512_bf16" in cpuinfo.read()
-    except OSError:
-        return False
+def cpu_has_bf16(root: str = "/") -> bool:
+    """Whether the CPU has AVX-512 BF16 or AMX bfloat16 (Linux only)."""
+    return bool(hardware_lib.cpu_bf16_flags(root))
 
 
 def set_precision(policy_name: str) -> None:

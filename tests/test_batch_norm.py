@@ -186,3 +186,69 @@ def test_synchronised_gradients_equal_the_global_batch_formulas():
         MOMENTUM + (1 - MOMENTUM) * variance,
         rtol=1e-5,
     )
+
+
+# 100 x the standard deviation: bfloat16 keeps x to 2^-8 relative, i.e. to
+# 0.4 (about half a std) of 100, so any bfloat16 arithmetic on x before the
+# mean is subtracted costs about half a std in the output.
+_MEANS = np.array([100.0, -200.0, 50.0])
+_STDS = np.array([1.0, 2.0, 0.5])
+
+
+def test_synchronised_bfloat16_large_mean_matches_float32_formulas():
+    """mixed_bfloat16 on 2 replicas, |mean| = 100 std: outputs equal the
+    global-batch BN of the (bfloat16) inputs to bfloat16 rounding."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    rng = np.random.default_rng(5)
+    shape = (8, 3, 3, 3)
+    # Replica 1's half is shifted by one std: local statistics are wrong.
+    x = (
+        rng.normal(_MEANS, _STDS, shape)
+        + _STDS * (np.arange(8) >= 4)[:, None, None, None]
+    )
+    x = tf.cast(tf.constant(x, tf.float32), tf.bfloat16)
+    gamma = np.array([0.7, 1.3, 2.0], np.float32)
+    beta = np.array([0.1, -0.2, 0.5], np.float32)
+    with strategy.scope():
+        layer = _layer(synchronized=True)
+        layer.build(shape)
+        layer.gamma.assign(gamma)
+        layer.beta.assign(beta)
+    data = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(x).batch(8)
+    )
+
+    @tf.function
+    def run(batch):
+        return strategy.run(lambda b: layer(b, training=True), (batch,))
+
+    outputs = strategy.experimental_local_results(run(next(iter(data))))
+    assert outputs[0].dtype == tf.bfloat16
+    y = np.concatenate([o.numpy().astype(np.float64) for o in outputs])
+    x64 = x.numpy().astype(np.float64)
+    mean, variance = x64.mean((0, 1, 2)), x64.var((0, 1, 2))
+    xhat = (x64 - mean) / np.sqrt(variance + EPSILON)
+    expected = gamma * xhat + beta
+    # Rounding the true value to bfloat16 errs by at most half its spacing,
+    # 2^-8 relative. The float32 statistics add a variance error of about
+    # 1e-7 (mean / std)^2 = 1e-3 relative (9e-4 measured), which moves y by
+    # gamma |xhat| 5e-4: bounded here by gamma |xhat| 1e-3.
+    tolerance = 2.0**-8 * np.abs(expected) + 1e-3 * gamma * np.abs(xhat)
+    np.testing.assert_array_less(np.abs(y - expected), tolerance)
+    # The bfloat16 affine form x scale + (beta - mean scale) misses by far.
+    scale = gamma / np.sqrt(variance + EPSILON)
+    naive = x * tf.cast(scale, tf.bfloat16) + tf.cast(
+        beta - mean * scale, tf.bfloat16
+    )
+    assert np.max(np.abs(naive.numpy().astype(np.float64) - expected)) > 0.1
+    # Moving statistics: the mean from float32 sums to ~1e-7 relative; the
+    # variance to the 1e-3 above, within bfloat16's 2^-8.
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), (1 - MOMENTUM) * mean, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        (layer.moving_variance.numpy() - MOMENTUM) / (1 - MOMENTUM),
+        variance,
+        rtol=2.0**-8,
+    )

@@ -243,15 +243,15 @@ def _mirrored_strategy(replicas):
 
 
 class _GatherWithoutGradient:
-    """A replica context whose all_gather blocks the gradient (the bug)."""
+    """A replica context whose all-reduce blocks the gradient (the bug)."""
 
     def __init__(self, context):
         self._context = context
         self.replica_id_in_sync_group = context.replica_id_in_sync_group
         self.num_replicas_in_sync = context.num_replicas_in_sync
 
-    def all_gather(self, value, axis):
-        return tf.stop_gradient(self._context.all_gather(value, axis=axis))
+    def all_reduce(self, reduce_op, value):
+        return tf.stop_gradient(self._context.all_reduce(reduce_op, value))
 
 
 def _replicated_loss_and_gradients(replicas, z1, z2, temperature, broken):
@@ -350,3 +350,54 @@ def test_nt_xent_gather_without_gradient_is_detected():
         np.mean(replica_losses), expected_loss, rtol=1e-5
     )
     assert not np.allclose(gradient1, expected1, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_cross_replica_concat_equals_all_gather_values_and_gradient(replicas):
+    strategy = _mirrored_strategy(replicas)
+    local_batch, d = 3, 4
+    rng = np.random.default_rng(7)
+    values = rng.normal(size=(replicas * local_batch, d)).astype(np.float32)
+    # Each replica sends its own upstream gradient into the concatenation;
+    # small integers, so their sum over replicas is exact in any order.
+    upstream = rng.integers(-8, 9, (replicas, replicas * local_batch, d))
+    upstream = tf.constant(upstream.astype(np.float32))
+
+    def shard(context):
+        start = context.replica_id_in_sync_group * local_batch
+        return tf.constant(values[start : start + local_batch])
+
+    def replica_fn(local):
+        context = tf.distribute.get_replica_context()
+        dy = tf.gather(upstream, context.replica_id_in_sync_group)
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(local)
+            concatenated = losses.cross_replica_concat(local, context)
+            gathered = context.all_gather(local, axis=0)
+            objective = tf.reduce_sum(concatenated * dy)
+            gathered_objective = tf.reduce_sum(gathered * dy)
+        return (
+            concatenated,
+            gathered,
+            tape.gradient(objective, local),
+            tape.gradient(gathered_objective, local),
+        )
+
+    outputs = tf.function(lambda x: strategy.run(replica_fn, (x,)))(
+        strategy.experimental_distribute_values_from_function(shard)
+    )
+    concatenated, gathered, gradient, gathered_gradient = (
+        [t.numpy() for t in strategy.experimental_local_results(output)]
+        for output in outputs
+    )
+    summed = upstream.numpy().sum(axis=0)  # [N, d]
+    for replica in range(replicas):
+        rows = slice(replica * local_batch, (replica + 1) * local_batch)
+        # Adding zeros is exact: the rows themselves, in replica order.
+        np.testing.assert_array_equal(concatenated[replica], values)
+        np.testing.assert_array_equal(concatenated[replica], gathered[replica])
+        # This replica's rows of the summed upstream gradient, as all_gather.
+        np.testing.assert_array_equal(gradient[replica], summed[rows])
+        np.testing.assert_array_equal(
+            gradient[replica], gathered_gradient[replica]
+        )

@@ -24,7 +24,7 @@ import tensorflow as tf
 from PIL import Image
 
 from simclr_tf.config import schema as config_lib
-from simclr_tf.data import pipeline
+from simclr_tf.data import order, pipeline
 from simclr_tf.data.sources import base as source_lib
 from simclr_tf.data.sources import folder, synthetic, tfrecord
 from simclr_tf.tools import make_tfrecords
@@ -104,7 +104,7 @@ def _assert_same_batches(actual, expected):
 
 
 def _examples(source, context, start, count, seed=3):
-    data = pipeline._training_examples(
+    data = order.training_examples(
         source, context, 2, SIZE, seed, cache=False, start=start
     )
     return list(data.take(count).as_numpy_iterator())
@@ -168,7 +168,7 @@ def test_input_order_depends_on_the_seed_and_is_new_every_epoch(sources):
 
 def test_host_position_counts_local_replicas():
     context = _context(1, 2, 8)  # 2 hosts, 4 replicas each
-    assert pipeline.host_position(5, 64, context) == (5 * 8 * 4, 5 * 4)
+    assert order.host_position(5, 64, context) == (5 * 8 * 4, 5 * 4)
 
 
 TINY = {

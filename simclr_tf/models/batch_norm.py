@@ -22,12 +22,23 @@ def synchronized_batch_norm(
     """Training-mode BN with statistics over every replica's batch.
 
     Must run in a replica context. Forward: one all-reduce of the per-
-    channel sums of x and x^2 (float32), then y = x scale + shift in the
-    input's dtype. Backward, with a hand-written gradient: the fused
-    gradient kernel, one all-reduce of the sums of dy and dy xhat, and one
-    element-wise correction, so that dx is the gradient of BN over the
-    global batch (as autodiff through Keras's synchronised BN gives) in far
-    fewer passes over the activations.
+    channel sums of x and x^2 (float32), then y = x scale + shift with
+    shift = beta - mean scale, computed in float32 and rounded once to the
+    input's dtype. In bfloat16 that sum would lose y when |mean| >> std
+    (x scale and shift are large and nearly cancel, each rounded to 8
+    bits: 0.57 off at mean = 100 std); in float32 the cancellation costs
+    ~6e-8 |mean| / std relative, far below bfloat16's 2^-8. For float32
+    inputs the casts are no-ops, so that path is unchanged.
+    Backward, with a hand-written gradient: the fused gradient kernel, one
+    all-reduce of the sums of dy and dy xhat, and one element-wise
+    correction, so that dx is the gradient of BN over the global batch (as
+    autodiff through Keras's synchronised BN gives) in far fewer passes over
+    the activations. Both all-reduces go through ReplicaContext.all_reduce,
+    which needs no merge_call inside XLA-compiled replica functions.
+
+    The variance is E[x^2] - E[x]^2 in float32, whose round-off relative to
+    the variance is about 1e-7 (mean / std)^2: 1e-3 at mean = 100 std, below
+    bfloat16's 4e-3 resolution.
 
     Args:
       inputs: [..., C] float (float32 or bfloat16/float16 activations).
@@ -64,7 +75,7 @@ def synchronized_batch_norm(
     def normalize(x, gamma, beta):
         scale = scale_of(gamma)
         shift = beta - mean * scale
-        y = x * tf.cast(scale, x.dtype) + tf.cast(shift, x.dtype)
+        y = tf.cast(tf.cast(x, tf.float32) * scale + shift, x.dtype)
 
         def gradient(dy):
             # One fused kernel gives gamma inverse dy and this replica's

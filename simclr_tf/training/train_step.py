@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 import keras
 import tensorflow as tf
 
-from simclr_tf import losses
+from simclr_tf import loss_scale, losses
 from simclr_tf.config import schema as config_lib
 from simclr_tf.data.augment import batch as augment_batch
 from simclr_tf.models import simclr
@@ -203,6 +203,9 @@ def _update(
     """One optimizer update of the trainable variables; float32 metrics."""
     variables = model.trainable_variables
     gradients = tape.gradient(scaled_loss, variables)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        # Keras judges each replica's own gradients: agree on overflow first.
+        gradients = loss_scale.share_non_finite(gradients)
     optimizer.apply_gradients(zip(gradients, variables, strict=True))
     return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
 

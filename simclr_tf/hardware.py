@@ -1,0 +1,302 @@
+"""Which accelerators this machine has, and the evidence for each.
+
+Reads only files (/dev, /sys, /proc under a root directory), environment
+variables and TensorFlow's device list, all passed in, so that tests can fake
+a TPU v5e VM, a GPU machine without CUDA and so on. runtime.py turns the
+result into a strategy and a precision; nothing here touches the network
+(the GCE metadata server is not asked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+
+import tensorflow as tf
+
+GOOGLE_PCI_VENDOR = "0x1ae0"
+# PCI device ids of Google's TPU chips (v2 and v3 share one and differ in
+# the subsystem id), as Google's tpu-info tool reads them.
+_TPU_PCI_DEVICES = {
+    "0x005e": "v4",
+    "0x0062": "v5p",
+    "0x0063": "v5e",
+    "0x006f": "v6e",
+}
+_TPU_V2_V3_DEVICE = "0x0027"
+_TPU_V2_V3_SUBSYSTEMS = {"0x004e": "v2", "0x004f": "v3"}
+# TPU_ACCELERATOR_TYPE prefixes (v5litepod-8 is a v5e slice).
+_ACCELERATOR_TYPES = {
+    "v2": "v2",
+    "v3": "v3",
+    "v4": "v4",
+    "v5litepod": "v5e",
+    "v5lite": "v5e",
+    "v5e": "v5e",
+    "v5p": "v5p",
+    "v6e": "v6e",
+}
+# Set on TPU VMs by their images or on GKE TPU nodes; TPU_NAME also names a
+# remote TPU for TPUClusterResolver.
+TPU_VARIABLES = (
+    "TPU_ACCELERATOR_TYPE",
+    "TPU_NAME",
+    "TPU_WORKER_ID",
+    "TPU_WORKER_HOSTNAMES",
+)
+# CPU flags (/proc/cpuinfo) with native bfloat16 arithmetic: AVX-512 BF16
+# (Cooper Lake, Zen 4+) and AMX (Sapphire Rapids+).
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TPU:
+    """A TPU found on (or named for) this machine.
+
+    Attributes:
+        generation: "v2" .. "v6e", or a hint such as "v2-v4" when only the
+            device nodes are known.
+        local: whether its chips are attached to this machine (a TPU VM),
+            rather than only named by TPU_NAME.
+        evidence: what showed it, e.g. ("/dev/vfio/0-3", ...).
+    """
+
+    generation: str
+    local: bool
+    evidence: tuple[str, ...]
+
+    def describe(self) -> str:
+        """e.g. "TPU v5e VM (4 PCI devices 1ae0:0063; /dev/vfio/0-3)"."""
+        kind = "VM" if self.local else "named by the environment"
+        return f"TPU {self.generation} {kind} ({'; '.join(self.evidence)})"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPU:
+    """A GPU TensorFlow can use.
+
+    Attributes:
+        name: its device name, e.g. "NVIDIA A100-SXM4-40GB".
+        compute_capability: (major, minor), None when TensorFlow does not
+            report it.
+    """
+
+    name: str
+    compute_capability: tuple[int, int] | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Hardware:
+    """What `detect` found.
+
+    Attributes:
+        tpu: the TPU, or None.
+        gpus: the GPUs TensorFlow can use.
+        nvidia_driver: evidence of an NVIDIA GPU at the operating-system
+            level (driver files, device nodes, nvidia-smi), "" if none; a
+            GPU there that is not in `gpus` is one TensorFlow cannot use.
+        cpu_bf16: the CPU's bfloat16 flags found, e.g. ("avx512_bf16",).
+    """
+
+    tpu: TPU | None
+    gpus: tuple[GPU, ...]
+    nvidia_driver: str
+    cpu_bf16: tuple[str, ...]
+
+    @property
+    def hidden_gpu(self) -> bool:
+        """An NVIDIA GPU is present but TensorFlow sees none."""
+        return bool(self.nvidia_driver) and not self.gpus
+
+
+def detect(
+    root: str = "/",
+    environ: Mapping[str, str] | None = None,
+    gpus: Sequence[GPU] | None = None,
+) -> Hardware:
+    """Looks for TPUs, GPUs and bfloat16 CPU support.
+
+    Args:
+        root: directory holding dev/, sys/ and proc/ ("/" on a real machine).
+        environ: environment variables; default os.environ.
+        gpus: the GPUs TensorFlow can use; default `visible_gpus()`.
+
+    Returns:
+        The Hardware found.
+    """
+    environ = os.environ if environ is None else environ
+    return Hardware(
+        tpu=detect_tpu(root, environ),
+        gpus=tuple(visible_gpus() if gpus is None else gpus),
+        nvidia_driver=detect_nvidia_driver(root, environ),
+        cpu_bf16=cpu_bf16_flags(root),
+    )
+
+
+def detect_tpu(root: str, environ: Mapping[str, str]) -> TPU | None:
+    """A TPU from PCI devices, device nodes or TPU_* variables.
+
+    v2-v4 VMs expose /dev/accel<n>; v5e, v5p and v6e expose /dev/vfio/<n>
+    instead. A VFIO device alone is not proof (any passthrough device makes
+    one), so /dev/vfio/<n> counts only on a Google Compute Engine VM (its
+    DMI product name) or next to another sign of a TPU.
+
+    Args:
+        root: directory holding dev/, sys/ and proc/.
+        environ: environment variables.
+
+    Returns:
+        The TPU, or None when nothing points to one.
+    """
+    chips = _tpu_pci_chips(root)
+    accel = _numbered(os.path.join(root, "dev"), "accel")
+    vfio = _numbered(os.path.join(root, "dev", "vfio"), "")
+    variables = [
+        f"{name}={environ[name]}" for name in TPU_VARIABLES if environ.get(name)
+    ]
+    if vfio and not (chips or accel or variables or _on_gce(root)):
+        vfio = []
+    evidence = []
+    if chips:
+        generation, devices = chips
+        evidence.append(f"{len(devices)} PCI device(s) {', '.join(devices)}")
+    if accel:
+        evidence.append(_device_range("/dev/accel", accel))
+    if vfio:
+        evidence.append(_device_range("/dev/vfio/", vfio))
+    evidence += variables
+    if not evidence:
+        return None
+    return TPU(
+        generation=_generation(chips, environ, accel, vfio),
+        local=bool(chips or accel or vfio),
+        evidence=tuple(evidence),
+    )
+
+
+def _generation(
+    chips: tuple[str, list[str]] | None,
+    environ: Mapping[str, str],
+    accel: list[int],
+    vfio: list[int],
+) -> str:
+    """The most specific generation the evidence gives."""
+    if chips:
+        return chips[0]
+    accelerator_type = environ.get("TPU_ACCELERATOR_TYPE", "")
+    prefix = accelerator_type.split("-")[0].lower()
+    if prefix in _ACCELERATOR_TYPES:
+        return _ACCELERATOR_TYPES[prefix]
+    if accel:
+        return "v2-v4"
+    if vfio:
+        return "v5e or later"
+    return accelerator_type or "(generation unknown)"
+
+
+def _tpu_pci_chips(root: str) -> tuple[str, list[str]] | None:
+    """(generation, ["1ae0:0063", ...]) of the TPU chips on the PCI bus."""
+    base = os.path.join(root, "sys", "bus", "pci", "devices")
+    found = []
+    for name in sorted(_listdir(base)):
+        directory = os.path.join(base, name)
+        if _read(os.path.join(directory, "vendor")) != GOOGLE_PCI_VENDOR:
+            continue  # Google's vendor id is also on its gVNIC network card
+        device = _read(os.path.join(directory, "device"))
+        generation = _TPU_PCI_DEVICES.get(device)
+        if device == _TPU_V2_V3_DEVICE:
+            subsystem = _read(os.path.join(directory, "subsystem_device"))
+            generation = _TPU_V2_V3_SUBSYSTEMS.get(subsystem, "v2-v3")
+        if generation:
+            found.append((generation, f"1ae0:{device[2:]}"))
+    if not found:
+        return None
+    return found[0][0], [device for _, device in found]
+
+
+def _on_gce(root: str) -> bool:
+    path = os.path.join(root, "sys", "class", "dmi", "id", "product_name")
+    return _read(path) == "Google Compute Engine"
+
+
+def detect_nvidia_driver(root: str, environ: Mapping[str, str]) -> str:
+    """Evidence of an NVIDIA GPU at the OS level, "" if none.
+
+    Args:
+        root: directory holding dev/ and proc/.
+        environ: environment variables (PATH is searched for nvidia-smi).
+
+    Returns:
+        e.g. "/proc/driver/nvidia/gpus/0000:00:04.0" or "nvidia-smi at
+        /usr/bin/nvidia-smi".
+    """
+    gpus = os.path.join(root, "proc", "driver", "nvidia", "gpus")
+    for name in sorted(_listdir(gpus)):
+        return f"/proc/driver/nvidia/gpus/{name}"
+    nodes = _numbered(os.path.join(root, "dev"), "nvidia")
+    if nodes:
+        return f"/dev/nvidia{nodes[0]}"
+    smi = shutil.which("nvidia-smi", path=environ.get("PATH", ""))
+    return f"nvidia-smi at {smi}" if smi else ""
+
+
+def cpu_bf16_flags(root: str = "/") -> tuple[str, ...]:
+    """The CPU_BF16_FLAGS that /proc/cpuinfo lists (Linux; else none)."""
+    flags = set()
+    for line in _read(os.path.join(root, "proc", "cpuinfo")).splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return tuple(flag for flag in CPU_BF16_FLAGS if flag in flags)
+
+
+def visible_gpus() -> tuple[GPU, ...]:
+    """The GPUs TensorFlow can use, with their compute capability."""
+    found = []
+    for device in tf.config.list_physical_devices("GPU"):
+        try:
+            details = tf.config.experimental.get_device_details(device)
+        except (ValueError, RuntimeError):
+            details = {}
+        capability = details.get("compute_capability")
+        found.append(
+            GPU(
+                name=details.get("device_name", device.name),
+                compute_capability=tuple(capability) if capability else None,
+            )
+        )
+    return tuple(found)
+
+
+def _numbered(directory: str, prefix: str) -> list[int]:
+    """n of the entries named prefix<n> in directory, sorted."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)")
+    numbers = []
+    for name in _listdir(directory):
+        match = pattern.fullmatch(name)
+        if match:
+            numbers.append(int(match.group(1)))
+    return sorted(numbers)
+
+
+def _device_range(prefix: str, numbers: list[int]) -> str:
+    if len(numbers) == 1:
+        return f"{prefix}{numbers[0]}"
+    return f"{prefix}{numbers[0]}-{numbers[-1]}"
+
+
+def _listdir(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as file:
+            return file.read().strip()
+    except OSError:
+        return ""
