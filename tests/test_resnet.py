@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from simclr_tf.models import resnet
+from simclr_tf.models import blocks, resnet
 
 # He et al. 2016, Table 1: blocks per stage; True = bottleneck (1x1,3x3,1x1).
 PAPER_STAGES = {
@@ -228,7 +228,7 @@ def _numpy_conv_fixed_padding(images, kernel, stride):
 @pytest.mark.parametrize("side", [7, 8])
 def test_conv2d_fixed_padding_matches_numpy(kernel_size, stride, side):
     inputs = keras.Input((side, side, 2))
-    outputs = resnet.conv2d_fixed_padding(inputs, 3, kernel_size, stride, "c")
+    outputs = blocks.conv2d_fixed_padding(inputs, 3, kernel_size, stride, "c")
     model = keras.Model(inputs, outputs)
     images = np.random.default_rng(0).random([1, side, side, 2], "float32")
     expected = _numpy_conv_fixed_padding(

@@ -75,6 +75,8 @@ def _stem(
     outputs = blocks.conv2d_fixed_padding(
         outputs, filters, kernel_size, strides, "initial_conv2d"
     )
+    # GR's initial_conv is the last stem conv's output, before its BN-ReLU.
+    outputs = keras.layers.Identity(name="initial_conv")(outputs)
     outputs = blocks.batch_norm_relu(
         outputs,
         "initial_batch_normalization",
@@ -82,7 +84,6 @@ def _stem(
         zero_init=False,
         **bn_kwargs,
     )
-    outputs = keras.layers.Identity(name="initial_conv")(outputs)
     if not cifar_stem:
         outputs = keras.layers.MaxPooling2D(
             pool_size=3, strides=2, padding="same", name="initial_pool"
@@ -136,8 +137,8 @@ def ResNet(  # noqa: N802 - a model factory named like the class it builds.
     64/128/256/512, x4 at the output of bottleneck blocks; the first block of
     every group has a projection shortcut (as in GR, also in group 1 of
     ResNet-18/34). Named layers give the intermediate outputs listed in
-    ENDPOINT_NAMES (see `endpoints_model`). Unlike GR, whose `initial_conv`
-    is the raw conv output, ours is taken after the stem's BN-ReLU.
+    ENDPOINT_NAMES (see `endpoints_model`); as in GR, `initial_conv` is the
+    (last) stem conv's output before its BN-ReLU.
     SimCLRv2 (GR's checkpoints) uses sk_ratio=0.0625, se_ratio=0.
 
     Args:

@@ -163,8 +163,16 @@ def _restore_or_initialize(
     # Every worker restores the chief's latest checkpoint.
     latest = tf.train.latest_checkpoint(config.model_dir)
     if latest:
+        checkpoint = manager.checkpoint
         try:
-            manager.checkpoint.restore(latest).assert_existing_objects_matched()
+            tf.train.Checkpoint(
+                model=checkpoint.model, optimizer=checkpoint.optimizer
+            ).restore(latest).assert_existing_objects_matched()
+            # Checkpoints from before the step variable (and imported ones)
+            # lack it; build_state then takes the optimizer's iterations.
+            tf.train.Checkpoint(step=checkpoint.step).restore(
+                latest
+            ).expect_partial()
         except (AssertionError, ValueError) as error:
             raise ValueError(
                 f"--model_dir={config.model_dir} holds a checkpoint "
