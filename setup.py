@@ -19,8 +19,8 @@ setuptools.setup(
     # provide the `tensorflow` module, and a requirement on one name would
     # pull that wheel beside another build already installed.
     install_requires=[
-        # Keras 3.10 is the oldest that TensorFlow 2.20 accepts; .ci/compat
-        # tests it (requirements-compat.txt), `make test` tests 3.15.
+        # Keras 3.10 is the oldest that TensorFlow 2.20 accepts (2.21 asks
+        # for 3.12); .ci/compat tests 3.10, `make test` tests 3.15.
         "keras>=3.10,<4",
         "tensorflow-datasets>=4.9.10",
         # tfds 4.9.10 imports importlib_resources without depending on it.
