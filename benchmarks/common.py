@@ -286,7 +286,7 @@ def metadata(flag_values: dict[str, object]) -> dict[str, object]:
             "numpy": np.__version__,
         },
         "device": f"{cpu_model()}, {os.cpu_count()} CPUs",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "flags": flag_values,
     }
 

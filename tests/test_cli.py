@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from simclr_tf import cli
@@ -49,6 +50,7 @@ def test_cli_rejects_unknown_flag():
     assert "learnig_rate" in finished.stderr
 
 
+@pytest.mark.compat
 def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
     config = validation.validate(
         config_lib.from_dict(

@@ -122,6 +122,7 @@ _SUBPROCESS_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.compat
 def test_export_loads_without_simclr_tf_and_matches_model(exported, tmp_path):
     model, path, _ = exported
     images = _images(seed=10)

@@ -163,7 +163,7 @@ def single_device_runs(tmp_path_factory):
 @pytest.fixture(
     scope="module",
     params=[
-        (2, "lars"),
+        pytest.param((2, "lars"), marks=pytest.mark.compat),
         (4, "momentum"),
         pytest.param((4, "lars"), marks=pytest.mark.slow),
         pytest.param((2, "momentum"), marks=pytest.mark.slow),

@@ -7,6 +7,7 @@ fake python3, and the scripts run with a fake gcloud that records calls.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import stat
@@ -76,20 +77,86 @@ def test_install_commands_target_every_worker(local):
     commands = gcloud.install_commands("simclr-v3", ZONE, **source)
     assert len(commands) == (3 if local else 1)
     assert all("--worker=all" in argv for argv in commands)
-    assert "pip install --no-deps -e ." in _command_value(commands[-1])
+    install = _command_value(commands[-1])
+    assert "pip install -r /tmp/simclr_tf_requirements.txt -e '.[tpu]'" in (
+        install
+    )
+    if local:
+        copied = [os.path.basename(path) for path in commands[1][5:-4]]
+        assert "requirements-compat.txt" in copied
 
 
-def test_install_script_drops_only_the_image_pinned_packages(tmp_path):
-    script = remote.install_script("repo", requirements="requirements.txt")
+def _pinned(path: str) -> dict[str, str]:
+    with open(path) as file:
+        lines = [line.strip() for line in file if "==" in line]
+    return dict(line.split("==") for line in lines)
+
+
+def _filtered_requirements(tmp_path, keep_tensorflow: bool) -> str:
+    """Runs the install script's grep step here; returns the file it wrote."""
+    script = remote.install_script("repo", keep_tensorflow=keep_tensorflow)
     (grep,) = [step for step in script.split(" && ") if "grep" in step]
-    output = tmp_path / "kept.txt"
-    grep = grep.replace("/tmp/simclr_tf_requirements.txt", str(output))
+    output = str(tmp_path / "kept.txt")
+    grep = grep.replace(remote.FILTERED_REQUIREMENTS, output)
     subprocess.run(["bash", "-c", grep], cwd=REPOSITORY, check=True)
-    lines = output.read_text().splitlines()
-    kept = {line.split("==")[0] for line in lines if "==" in line}
-    with open(os.path.join(REPOSITORY, "requirements.txt")) as file:
-        pinned = {line.split("==")[0] for line in file if "==" in line}
-    assert kept == pinned - {"tensorflow", "tensorboard", "numpy"}
+    return output
+
+
+@pytest.mark.parametrize(
+    "keep_tensorflow, dropped",
+    [
+        (False, {"tensorflow-cpu"}),
+        (True, {"tensorflow-cpu", "tensorboard", "numpy"}),
+    ],
+)
+def test_install_script_drops_only_the_cpu_tensorflow_or_the_kept_packages(
+    tmp_path, keep_tensorflow, dropped
+):
+    kept = _pinned(_filtered_requirements(tmp_path, keep_tensorflow))
+    pinned = _pinned(os.path.join(REPOSITORY, remote.DEFAULT_REQUIREMENTS))
+    assert set(kept) == set(pinned) - dropped
+    assert {"keras", "tensorflow-datasets"} <= set(kept)
+
+
+@pytest.mark.slow
+@pytest.mark.compat
+@pytest.mark.skipif(
+    sys.version_info[:2] != (3, 10),
+    reason="resolves for the TPU VMs' Python 3.10; .ci/compat runs it there",
+)
+def test_tpu_install_resolves_on_python_3_10_from_pypi(tmp_path):
+    """pip resolves the workers' install command (dry run, from PyPI).
+
+    With this Python 3.10, not `--python-version 3.10 --only-binary=:all:`:
+    tensorflow-datasets needs `promise`, which PyPI has as a source
+    distribution only.
+    """
+    requirements = _filtered_requirements(tmp_path, keep_tensorflow=False)
+    script = remote.install_script("repo")
+    (install,) = [
+        step for step in script.split(" && ") if "-e '.[tpu]'" in step
+    ]
+    report = tmp_path / "report.json"
+    dry_run = (
+        f"{shlex.quote(sys.executable)} -m pip install --dry-run "
+        f"--ignore-installed --quiet --report {report}"
+    )
+    install = install.replace("python3 -m pip install", dry_run)
+    install = install.replace(remote.FILTERED_REQUIREMENTS, requirements)
+    subprocess.run(["bash", "-c", install], cwd=REPOSITORY, check=True)
+    with open(report) as file:
+        resolved = {
+            item["metadata"]["name"].lower().replace("_", "-"): item[
+                "metadata"
+            ]["version"]
+            for item in json.load(file)["install"]
+        }
+    assert resolved["tensorflow-tpu"].startswith("2.20.")
+    assert "libtpu" in resolved
+    # The TPU build is the only TensorFlow: no CPU or GPU wheel beside it.
+    assert "tensorflow" not in resolved and "tensorflow-cpu" not in resolved
+    for name, version in _pinned(requirements).items():
+        assert resolved[name.lower().replace("_", "-")] == version, name
 
 
 def test_launch_command_runs_once_on_worker_zero():

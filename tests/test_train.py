@@ -236,6 +236,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         np.testing.assert_array_equal(before, after.numpy())
 
 
+@pytest.mark.compat
 def test_killed_run_resumes_at_saved_step(tmp_path):
     """SIGKILL mid-run, then the same command continues from its checkpoint."""
     model_dir = str(tmp_path / "run")
@@ -298,6 +299,7 @@ def _two_step_losses(config, make_iterator) -> list[float]:
     ]
 
 
+@pytest.mark.compat
 def test_jit_compiled_step_matches_plain_step():
     """XLA (what TPUs run) computes the same loss as the plain graph."""
     batch = {

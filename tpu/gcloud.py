@@ -20,10 +20,16 @@ from tpu import remote
 # tpu-vm-tf-X.Y.Z[-pod]-pjrt; "-pod" images also run a TensorFlow server on
 # every host, which TPUStrategy needs to drive a multi-host slice from one
 # process. 2.17.0 is the newest TensorFlow image Google's own samples name
-# (python-docs-samples); no image ships TF 2.21, which simclr_tf pins, and
-# PyPI's `tensorflow` wheel has no TPU support, so we keep the image's TF.
+# (python-docs-samples); simclr_tf needs TensorFlow 2.20 or newer, so the
+# install puts tensorflow-tpu 2.20 from PyPI on it (tpu/remote.py).
 DEFAULT_TF_VERSION = "2.17.0"
-COPIED_PATHS = ("simclr_tf", "flags", "setup.py", "requirements.txt")
+COPIED_PATHS = (
+    "simclr_tf",
+    "flags",
+    "setup.py",
+    "requirements.txt",
+    "requirements-compat.txt",
+)
 GENERATIONS = ("v2", "v3", "v4", "v5litepod", "v5p")
 CORES_PER_HOST = 8  # v2/v3/v4/v5p: TensorCores, v5litepod: chips per host.
 _ACCELERATOR = re.compile(r"^(v2|v3|v4|v5litepod|v5p)-([1-9][0-9]*)$")
@@ -175,8 +181,8 @@ def install_commands(
     git_ref: str = "main",
     local_dir: str | None = None,
     remote_dir: str = "simclr_tf",
-    requirements: str = "requirements.txt",
-    keep_tensorflow: bool = True,
+    requirements: str = remote.DEFAULT_REQUIREMENTS,
+    keep_tensorflow: bool = False,
 ) -> list[list[str]]:
     """Commands that put simclr_tf on every worker and pip-install it.
 

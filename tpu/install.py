@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tpu import gcloud  # noqa: E402
+from tpu import gcloud, remote  # noqa: E402
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
@@ -33,15 +33,17 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--requirements",
-        default="requirements.txt",
-        help="Requirements file in the repository ('' to skip).",
+        default=remote.DEFAULT_REQUIREMENTS,
+        help="Pinned requirements file in the repository, for the workers' "
+        "Python 3.10 ('' to skip); its tensorflow-cpu line is dropped.",
     )
     parser.add_argument(
         "--keep_tensorflow",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Keep the image's TPU build of TensorFlow (and its NumPy and "
-        "TensorBoard): skip their pins, install simclr_tf with --no-deps.",
+        default=False,
+        help="Keep the image's TensorFlow (2.20 or newer) and its NumPy and "
+        "TensorBoard: skip their pins, install simclr_tf with --no-deps. "
+        "Default: install tensorflow-tpu 2.20 (simclr_tf's [tpu] extra).",
     )
     return parser.parse_args(argv)
 

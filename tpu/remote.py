@@ -10,23 +10,33 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-# Dependencies compiled against the image's TensorFlow stay as installed.
-KEPT_PACKAGES = ("tensorflow", "tensorboard", "numpy")
+# TPU VM images run Python 3.10, on which requirements.txt's exact versions
+# (Keras 3.15, ...) do not install; requirements-compat.txt pins the stack
+# that .ci/compat tests on Python 3.10. Its CPU TensorFlow gives way to the
+# [tpu] extra: tensorflow-tpu 2.20 (the newest TPU build) and the libtpu it
+# requires, both from PyPI.
+DEFAULT_REQUIREMENTS = "requirements-compat.txt"
+CPU_TENSORFLOW = ("tensorflow-cpu", "tensorflow")
+# keep_tensorflow also keeps what is compiled against the image's TensorFlow.
+KEPT_PACKAGES = (*CPU_TENSORFLOW, "tensorboard", "numpy")
+FILTERED_REQUIREMENTS = "/tmp/simclr_tf_requirements.txt"
 
 
 def install_script(
     remote_dir: str,
     git_url: str | None = None,
     git_ref: str = "main",
-    requirements: str = "requirements.txt",
-    keep_tensorflow: bool = True,
+    requirements: str = DEFAULT_REQUIREMENTS,
+    keep_tensorflow: bool = False,
 ) -> str:
     """The shell script that fetches (git) and pip-installs simclr_tf.
 
-    With keep_tensorflow the image's TensorFlow (the only TPU build on the
-    VM), TensorBoard and NumPy are left alone: their lines are dropped from
-    the requirements and simclr_tf is installed with --no-deps. An empty
-    `requirements` skips installing requirements.
+    By default the pinned requirements, less their CPU TensorFlow, are
+    installed together with simclr_tf's [tpu] extra in one pip resolve.
+    With keep_tensorflow the image's TensorFlow (which must be 2.20 or
+    newer), TensorBoard and NumPy are left alone: their lines are dropped
+    too and simclr_tf is installed with --no-deps. An empty `requirements`
+    skips installing requirements.
     """
     directory = shlex.quote(remote_dir)
     steps = []
@@ -38,16 +48,18 @@ def install_script(
         ]
     steps.append(f"cd {directory}")
     pip = "python3 -m pip install"
-    if requirements and keep_tensorflow:
-        kept = "|".join(KEPT_PACKAGES)
-        steps += [
-            f"grep -v -E {shlex.quote(f'^({kept})==')} "
-            f"{shlex.quote(requirements)} > /tmp/simclr_tf_requirements.txt",
-            f"{pip} -r /tmp/simclr_tf_requirements.txt",
-        ]
-    elif requirements:
-        steps.append(f"{pip} -r {shlex.quote(requirements)}")
-    steps.append(f"{pip} {'--no-deps ' if keep_tensorflow else ''}-e .")
+    project = "--no-deps -e ." if keep_tensorflow else "-e '.[tpu]'"
+    if requirements:
+        dropped = "|".join(KEPT_PACKAGES if keep_tensorflow else CPU_TENSORFLOW)
+        steps.append(
+            f"grep -v -E {shlex.quote(f'^({dropped})==')} "
+            f"{shlex.quote(requirements)} > {FILTERED_REQUIREMENTS}"
+        )
+        if keep_tensorflow:
+            steps.append(f"{pip} -r {FILTERED_REQUIREMENTS}")
+        else:
+            project = f"-r {FILTERED_REQUIREMENTS} {project}"
+    steps.append(f"{pip} {project}")
     check = "import tensorflow as tf, simclr_tf; print(tf.__version__)"
     steps.append(f"python3 -c {shlex.quote(check)}")
     return " && ".join(steps)

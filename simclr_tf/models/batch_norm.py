@@ -138,7 +138,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         return (
             keras.backend.backend() == "tensorflow"
             and mask is None
-            and not self.renorm
+            # renorm exists from Keras 3.15 on; older layers have none.
+            and not getattr(self, "renorm", False)
             and axis in (-1, len(inputs.shape) - 1)
             and len(inputs.shape) in (2, 4)
         )
