@@ -4,16 +4,18 @@ Writes `<model_dir>/saved_model/<step>/` with two inference-mode signatures,
 a training-mode function for fine-tuning, and optionally `model.keras` and
 `model.tflite` beside them. The SavedModel loads without simclr_tf.
 Training and checkpoints live in training/; this module writes and prunes.
+Every path goes through file_io, so model_dir may be on gs:// (or ram://).
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Mapping
 
 import keras
 import tensorflow as tf
+
+from simclr_tf import file_io
 
 EXPORT_SUBDIR = "saved_model"
 FLOAT_ENDPOINT = "serving_default"
@@ -21,6 +23,9 @@ UINT8_ENDPOINT = "serving_uint8"
 TRAINABLE_ENDPOINT = "trainable_call"
 KERAS_FILENAME = "model.keras"
 TFLITE_FILENAME = "model.tflite"
+# Written last into a step directory: only a directory holding it is an
+# export (object stores and ram:// have no atomic directory rename).
+COMPLETE_FILENAME = "export_complete.json"
 _TEMP_PREFIX = "_tmp_export_"
 
 
@@ -36,11 +41,15 @@ def export_saved_model(
 ) -> str:
     """Exports `model` as a SavedModel to `<model_dir>/saved_model/<step>/`.
 
-    The export is written to a temporary sibling directory and renamed into
-    place, so a crash never leaves a half-written export under a step name;
-    an existing export of the same step is replaced. Then only the newest
-    `keep_max` exports are kept (GR's `keep_hub_module_max`), always
-    including the one just written.
+    The export is written to a temporary sibling directory first, so a
+    failure while writing or converting leaves every previous export as it
+    was. Then its files are moved into `<step>/` (replacing an export of the
+    same step) and `export_complete.json` is written last: a directory
+    without it is a crashed export, which loaders skip and the next export
+    deletes. This works where directories cannot be renamed atomically
+    (gs://) or at all (ram://). Then only the newest `keep_max` exports are
+    kept (GR's `keep_hub_module_max`), always including the one just
+    written.
 
     Signatures (both also callable as attributes of the loaded object):
       * `serving_default(images)`: images [B, H, W, C] float32 in [0, 1].
@@ -61,7 +70,7 @@ def export_saved_model(
     With `keras_file`, the step directory also holds `model.keras`
     (`export_keras`; loading it needs simclr_tf imported). With `tflite`,
     it holds `model.tflite`, the float32 `serving_default` converted by
-    `export_tflite`. Both are written before the rename and pruned with it.
+    `export_tflite`. Both are written before the move and pruned with it.
 
     Args:
       model: a Keras model whose call(images, training=False) returns a dict
@@ -89,18 +98,17 @@ def export_saved_model(
     export_root = _make_export_root(model_dir)
     _build_if_needed(model, image_shape)
     archive = _make_archive(model, channels=image_shape[-1])
-    final_path = os.path.join(export_root, str(step))
-    temp_path = os.path.join(export_root, f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
+    final_path = file_io.join(export_root, str(step))
+    temp_path = file_io.join(export_root, f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
     try:
         archive.write_out(temp_path, verbose=False)
         if keras_file:
-            export_keras(model, os.path.join(temp_path, KERAS_FILENAME))
+            export_keras(model, file_io.join(temp_path, KERAS_FILENAME))
         if tflite:
-            export_tflite(temp_path, os.path.join(temp_path, TFLITE_FILENAME))
-        _replace_directory(temp_path, final_path)
+            export_tflite(temp_path, file_io.join(temp_path, TFLITE_FILENAME))
+        _publish(temp_path, final_path, step)
     finally:
-        if tf.io.gfile.exists(temp_path):
-            tf.io.gfile.rmtree(temp_path)
+        file_io.rmtree(temp_path)
     _prune_exports(export_root, keep_max, keep_step=step)
     return final_path
 
@@ -139,9 +147,9 @@ def export_all(
     )
     paths = {"saved_model": path}
     if keras_file:
-        paths["keras"] = os.path.join(path, KERAS_FILENAME)
+        paths["keras"] = file_io.join(path, KERAS_FILENAME)
     if tflite:
-        paths["tflite"] = os.path.join(path, TFLITE_FILENAME)
+        paths["tflite"] = file_io.join(path, TFLITE_FILENAME)
     return paths
 
 
@@ -187,7 +195,7 @@ def export_tflite(saved_model_dir: str, path: str) -> str:
     Raises:
       FileNotFoundError: `saved_model_dir` holds no saved_model.pb.
     """
-    if not tf.io.gfile.exists(os.path.join(saved_model_dir, "saved_model.pb")):
+    if not file_io.exists(file_io.join(saved_model_dir, "saved_model.pb")):
         raise FileNotFoundError(
             f"saved_model_dir={saved_model_dir!r} holds no saved_model.pb; "
             "pass a directory written by export_saved_model."
@@ -196,9 +204,7 @@ def export_tflite(saved_model_dir: str, path: str) -> str:
         saved_model_dir, signature_keys=[FLOAT_ENDPOINT]
     )
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    with tf.io.gfile.GFile(path, "wb") as file:
-        file.write(converter.convert())
-    return path
+    return file_io.write_bytes(path, converter.convert())
 
 
 def load_saved_model(path: str) -> object:
@@ -212,15 +218,26 @@ def load_saved_model(path: str) -> object:
       `serving_default` / `serving_uint8` functions.
 
     Raises:
-      FileNotFoundError: `path` holds no saved_model.pb.
+      FileNotFoundError: `path` holds no saved_model.pb, or no
+        export_complete.json (an export that crashed while being moved).
     """
-    if not tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+    if not file_io.exists(file_io.join(path, "saved_model.pb")):
         raise FileNotFoundError(
             f"path={path!r} holds no saved_model.pb; pass a directory "
             f"written by export_saved_model, e.g. <model_dir>/"
             f"{EXPORT_SUBDIR}/<step>."
         )
+    if not is_complete(path):
+        raise FileNotFoundError(
+            f"path={path!r} holds no {COMPLETE_FILENAME}: its export did "
+            f"not finish; run --mode=export again, or pass another step."
+        )
     return tf.saved_model.load(path)
+
+
+def is_complete(path: str) -> bool:
+    """Whether an export directory was completely written."""
+    return file_io.exists(file_io.join(path, COMPLETE_FILENAME))
 
 
 def list_exported_steps(export_root: str) -> list[int]:
@@ -230,12 +247,21 @@ def list_exported_steps(export_root: str) -> list[int]:
       export_root: the `<model_dir>/saved_model` directory.
 
     Returns:
-      Sorted steps; temporary (unfinished) directories are not listed.
+      Sorted steps; temporary and incomplete directories are not listed.
     """
-    if not tf.io.gfile.isdir(export_root):
+    return [
+        int(name)
+        for name in _step_names(export_root)
+        if is_complete(file_io.join(export_root, name))
+    ]
+
+
+def _step_names(export_root: str) -> list[str]:
+    """Names of the step directories (complete or not), by step."""
+    if not file_io.isdir(export_root):
         return []
-    names = [name.rstrip("/") for name in tf.io.gfile.listdir(export_root)]
-    return sorted(int(name) for name in names if name.isdigit())
+    names = [name for name in file_io.listdir(export_root) if name.isdigit()]
+    return sorted(names, key=int)
 
 
 def _check_arguments(
@@ -265,23 +291,31 @@ def _check_arguments(
 
 
 def _make_export_root(model_dir: str) -> str:
-    """Creates `<model_dir>/saved_model` and returns it; checks the parent."""
-    model_dir = os.fspath(model_dir)
-    parent = os.path.dirname(os.path.normpath(model_dir))
-    if parent and not tf.io.gfile.isdir(parent):
+    """Creates `<model_dir>/saved_model` and returns it; checks the parent.
+
+    The parent is checked on local disks only (a typo there would create
+    a new tree); gs:// and ram:// have no directories to check.
+    """
+    model_dir = str(model_dir)
+    parent = file_io.dirname(model_dir)
+    if (
+        not file_io.is_remote(model_dir)
+        and parent
+        and not file_io.isdir(parent)
+    ):
         raise FileNotFoundError(
             f"model_dir={model_dir!r}: its parent directory {parent!r} does "
             "not exist; create it first or fix the path."
         )
-    export_root = os.path.join(model_dir, EXPORT_SUBDIR)
+    export_root = file_io.join(model_dir, EXPORT_SUBDIR)
     try:
-        tf.io.gfile.makedirs(export_root)
+        file_io.makedirs(export_root)
     except (tf.errors.OpError, OSError) as error:
         raise PermissionError(
             f"model_dir={model_dir!r}: cannot create {export_root!r} "
             f"({error}); choose a writable directory."
         ) from error
-    if not tf.io.gfile.isdir(export_root):
+    if not file_io.isdir(export_root):
         raise PermissionError(
             f"model_dir={model_dir!r}: {export_root!r} is not a directory; "
             "remove it or choose another model_dir."
@@ -357,23 +391,32 @@ def _add_trainable_function(
     setattr(archive._tf_trackable, TRAINABLE_ENDPOINT, function)
 
 
-def _replace_directory(source: str, destination: str) -> None:
-    """Renames `source` to `destination`, replacing an existing directory."""
-    if not tf.io.gfile.exists(destination):
-        tf.io.gfile.rename(source, destination)
-        return
-    # Move the old export aside first, so the step name is never half-written.
-    stale = f"{os.path.dirname(destination)}/{_TEMP_PREFIX}{uuid.uuid4().hex}"
-    tf.io.gfile.rename(destination, stale)
-    tf.io.gfile.rename(source, destination)
-    tf.io.gfile.rmtree(stale)
+def _publish(source: str, destination: str, step: int) -> None:
+    """Moves a written export into `destination`, then marks it complete.
+
+    File by file (gs:// copies each object; ram:// renames no directories);
+    an export of the same step already there is deleted first.
+    """
+    file_io.rmtree(destination)
+    moved = file_io.move_tree(source, destination)
+    file_io.write_json(
+        file_io.join(destination, COMPLETE_FILENAME),
+        {"step": step, "files": moved},
+    )
 
 
 def _prune_exports(export_root: str, keep_max: int, keep_step: int) -> None:
-    """Deletes all but the newest `keep_max` exports, keeping `keep_step`."""
+    """Deletes all but the newest `keep_max` exports, keeping `keep_step`,
+    and every leftover of a crashed export (temporary or incomplete)."""
+    for name in file_io.listdir(export_root):
+        path = file_io.join(export_root, name)
+        if name.startswith(_TEMP_PREFIX) or (
+            name.isdigit() and not is_complete(path)
+        ):
+            file_io.rmtree(path)
     if keep_max == 0:
         return
     others = list_exported_steps(export_root)
     others.remove(keep_step)
     for step in others[: max(0, len(others) - (keep_max - 1))]:
-        tf.io.gfile.rmtree(os.path.join(export_root, str(step)))
+        file_io.rmtree(file_io.join(export_root, str(step)))

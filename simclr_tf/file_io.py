@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import tensorflow as tf
@@ -22,6 +22,34 @@ import tensorflow as tf
 def join(*parts: str) -> str:
     """Joins path parts with "/" (what gs:// and local POSIX paths use)."""
     return posixpath.join(*parts)
+
+
+def dirname(path: str) -> str:
+    """The directory part of path ("gs://b/run/ckpt-1" -> "gs://b/run")."""
+    return posixpath.dirname(path.rstrip("/"))
+
+
+def basename(path: str) -> str:
+    """The last part of path, ignoring a trailing "/"."""
+    return posixpath.basename(path.rstrip("/"))
+
+
+def is_remote(path: str) -> bool:
+    """Whether path names a filesystem by scheme (gs://, ram://, ...)."""
+    return "://" in path
+
+
+def relative(path: str, root: str) -> str:
+    """path below root, "/"-separated ("gs://b/d/c/x.png", "gs://b/d" ->
+    "c/x.png"). No normalisation, which would turn "gs://" into "gs:/".
+
+    Raises:
+      ValueError: path is not below root.
+    """
+    prefix = root.rstrip("/") + "/"
+    if not path.startswith(prefix):
+        raise ValueError(f"{path!r} is not below {root!r}")
+    return path[len(prefix) :]
 
 
 def exists(path: str) -> bool:
@@ -49,9 +77,52 @@ def glob(pattern: str) -> list[str]:
     return sorted(tf.io.gfile.glob(pattern))
 
 
+def walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """Like os.walk (top down; prune by editing the folder list in place).
+
+    Yields:
+      (directory, folder names, file names), names without trailing "/".
+    """
+    for directory, folders, files in tf.io.gfile.walk(top):
+        stripped = [name.rstrip("/") for name in folders]
+        folders[:] = stripped  # gfile.walk descends into this same list
+        yield directory.rstrip("/"), folders, [f.rstrip("/") for f in files]
+
+
+def size(path: str) -> int:
+    """A file's size in bytes."""
+    return tf.io.gfile.stat(path).length
+
+
 def remove(path: str) -> None:
     """Deletes a file."""
     tf.io.gfile.remove(path)
+
+
+def rename(source: str, destination: str) -> None:
+    """Renames a file, replacing destination (a copy on object stores)."""
+    tf.io.gfile.rename(source, destination, overwrite=True)
+
+
+def move_tree(source: str, destination: str) -> list[str]:
+    """Moves every file below source to the same place below destination.
+
+    File by file, as directories cannot be renamed on ram:// and are not
+    renamed atomically on gs://; source's empty folders are left behind.
+
+    Returns:
+      The moved files' paths below destination, sorted.
+    """
+    moved = []
+    for directory, _, files in walk(source):
+        target = destination
+        if directory != source.rstrip("/"):
+            target = join(destination, relative(directory, source))
+        makedirs(target)
+        for name in files:
+            rename(join(directory, name), join(target, name))
+            moved.append(relative(join(target, name), destination))
+    return sorted(moved)
 
 
 def rmtree(path: str) -> None:
@@ -61,15 +132,22 @@ def rmtree(path: str) -> None:
 
 
 def read_bytes(path: str) -> bytes:
-    """The whole file as bytes."""
-    with tf.io.gfile.GFile(path, "rb") as file:
-        return file.read()
+    """The whole file as bytes.
+
+    Raises:
+      FileNotFoundError: no file at path (gfile's NotFoundError, as the
+        OSError that open() would raise).
+    """
+    try:
+        with tf.io.gfile.GFile(path, "rb") as file:
+            return file.read()
+    except tf.errors.NotFoundError as error:
+        raise FileNotFoundError(f"{path}: no such file") from error
 
 
 def read_text(path: str) -> str:
-    """The whole file as text (UTF-8)."""
-    with tf.io.gfile.GFile(path, "r") as file:
-        return file.read()
+    """The whole file as text (UTF-8); FileNotFoundError as read_bytes."""
+    return read_bytes(path).decode("utf-8")
 
 
 def read_json(path: str) -> Any:
@@ -82,7 +160,7 @@ def write_bytes(path: str, data: bytes) -> str:
     temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with tf.io.gfile.GFile(temporary, "wb") as file:
         file.write(data)
-    tf.io.gfile.rename(temporary, path, overwrite=True)
+    rename(temporary, path)
     return path
 
 

@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from simclr_tf import file_io
 from simclr_tf import hardware as hardware_lib
 from simclr_tf.config import schema as config_lib
 
@@ -318,15 +319,13 @@ def write_dir(strategy: tf.distribute.Strategy, model_dir: str) -> str:
     if is_chief(strategy):
         return model_dir
     task_id = strategy.cluster_resolver.task_id
-    return os.path.join(model_dir, f"worker_scratch_{task_id}")
+    return file_io.join(model_dir, f"worker_scratch_{task_id}")
 
 
 def discard_scratch(strategy: tf.distribute.Strategy, model_dir: str) -> None:
     """Deletes a non-chief worker's scratch directory (no-op on the chief)."""
     if not is_chief(strategy):
-        path = write_dir(strategy, model_dir)
-        if tf.io.gfile.exists(path):
-            tf.io.gfile.rmtree(path)
+        file_io.rmtree(write_dir(strategy, model_dir))
 
 
 def log_start(strategy: tf.distribute.Strategy, global_batch: int) -> None:

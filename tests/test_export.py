@@ -235,13 +235,20 @@ def test_export_keep_max_prunes_old_exports_and_temp_dirs(tmp_path):
     model = _DictModel()
     model(_images(seed=0), training=True)
     model_dir = str(tmp_path / "run")
+    export_root = tmp_path / "run" / "saved_model"
+    # Leftovers of a crashed export: a temporary directory and a step
+    # directory whose files were being moved when it stopped.
+    (export_root / "_tmp_export_crashed").mkdir(parents=True)
+    (export_root / "99").mkdir()
+    (export_root / "99" / "saved_model.pb").write_bytes(b"half")
     for step in (10, 30, 20):
         path = export.export_saved_model(
             model, model_dir, step, image_shape=IMAGE_SHAPE, keep_max=2
         )
         assert os.path.isfile(os.path.join(path, "saved_model.pb"))
-    export_root = tmp_path / "run" / "saved_model"
-    # Newest by step plus the one just written (20) survive.
+        assert os.path.isfile(os.path.join(path, export.COMPLETE_FILENAME))
+    # Newest by step plus the one just written (20) survive; the crashed
+    # step 99 was never an export, so it neither counts nor stays.
     assert sorted(os.listdir(export_root)) == ["20", "30"]
     export.export_saved_model(
         model, model_dir, 40, image_shape=IMAGE_SHAPE, keep_max=1
@@ -296,21 +303,70 @@ def test_export_model_without_dict_output_raises(tmp_path):
         )
 
 
-def test_export_failure_before_rename_leaves_no_export(tmp_path, monkeypatch):
+def test_export_failure_keeps_the_previous_export_of_the_step(
+    tmp_path, monkeypatch
+):
+    model = _DictModel()
+    model(_images(seed=0), training=True)
+    model_dir = str(tmp_path / "run")
+    path = export.export_saved_model(
+        model, model_dir, 3, image_shape=IMAGE_SHAPE
+    )
+    expected = model(_images(seed=2), training=False)["final_avg_pool"]
+    model(_images(seed=1) + 1.0, training=True)  # new weights, new export
     written = []
 
-    def fail_after_write(source, destination):
-        written.append(os.path.isfile(os.path.join(source, "saved_model.pb")))
-        raise RuntimeError("simulated crash before the rename")
+    def fail_after_write(saved_model_dir, destination):
+        written.append(
+            os.path.isfile(os.path.join(saved_model_dir, "saved_model.pb"))
+        )
+        raise RuntimeError("simulated conversion failure")
 
-    monkeypatch.setattr(export, "_replace_directory", fail_after_write)
+    monkeypatch.setattr(export, "export_tflite", fail_after_write)
     with pytest.raises(RuntimeError, match="simulated"):
         export.export_saved_model(
-            _DictModel(), str(tmp_path / "run"), 3, image_shape=IMAGE_SHAPE
+            model, model_dir, 3, image_shape=IMAGE_SHAPE, tflite=True
         )
-    assert written == [True]  # the crash came after a complete write
-    # Neither a half-written step directory nor the temporary one remains.
-    assert os.listdir(tmp_path / "run" / "saved_model") == []
+    assert written == [True]  # it failed after the new SavedModel was written
+    # The earlier export of step 3 is untouched, and no temporary remains.
+    assert os.listdir(tmp_path / "run" / "saved_model") == ["3"]
+    loaded = export.load_saved_model(path)
+    np.testing.assert_allclose(
+        loaded.serving_default(_images(seed=2))["final_avg_pool"],
+        expected,
+        atol=ATOL,  # graph vs eager float32 rounding, as above
+    )
+
+
+def test_export_crash_while_moving_leaves_no_loadable_export(
+    tmp_path, monkeypatch
+):
+    model = _DictModel()
+    model(_images(seed=0), training=True)
+    model_dir = str(tmp_path / "run")
+    export.export_saved_model(model, model_dir, 1, image_shape=IMAGE_SHAPE)
+    real_rename = export.file_io.rename
+    renamed = []
+
+    def crash_after_two_files(source, destination):
+        if len(renamed) == 2:
+            raise KeyboardInterrupt("simulated crash while moving files")
+        renamed.append(destination)
+        real_rename(source, destination)
+
+    monkeypatch.setattr(export.file_io, "rename", crash_after_two_files)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_saved_model(model, model_dir, 2, image_shape=IMAGE_SHAPE)
+    monkeypatch.undo()
+    step_dir = tmp_path / "run" / "saved_model" / "2"
+    assert len(renamed) == 2 and step_dir.is_dir()  # half moved
+    # Step 2 is no export: listings skip it, loading it names the cause,
+    # and step 1 (the previous export) is still the latest.
+    root = str(tmp_path / "run" / "saved_model")
+    assert export.list_exported_steps(root) == [1]
+    with pytest.raises(FileNotFoundError, match=export.COMPLETE_FILENAME):
+        export.load_saved_model(str(step_dir))
+    export.load_saved_model(os.path.join(root, "1"))
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ work is in linear.py; this module only wires a Config to it.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -17,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from simclr_tf import runtime
+from simclr_tf import file_io, runtime
 from simclr_tf.config import schema as config_lib
 from simclr_tf.data import run_data
 from simclr_tf.data.sources import base as source_lib
@@ -164,10 +163,10 @@ def write_run_reports(
         )
     step = int(state.step.numpy())
     writer = tf.summary.create_file_writer(
-        os.path.join(config.model_dir, "eval")
+        file_io.join(config.model_dir, "eval")
     )
     paths = eval_reports.write_reports(
-        os.path.join(config.model_dir, "reports"),
+        file_io.join(config.model_dir, "reports"),
         labels=labels,
         predictions=np.argmax(logits, axis=-1),
         num_classes=state.num_classes,
@@ -179,7 +178,7 @@ def write_run_reports(
         class_names=class_names or None,
     )
     writer.flush()
-    logging.info("wrote reports to %s", os.path.dirname(paths["per_class_txt"]))
+    logging.info("wrote reports to %s", file_io.dirname(paths["per_class_txt"]))
     return paths
 
 
@@ -207,7 +206,7 @@ def write_scalars(
         return
     step = int(state.step.numpy())
     writer = tf.summary.create_file_writer(
-        os.path.join(config.model_dir, "eval")
+        file_io.join(config.model_dir, "eval")
     )
     with writer.as_default(step=step):
         for name, value in result.items():

@@ -9,7 +9,6 @@ checkpoint of the last step (or --eval_timeout_secs without a new one).
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -188,8 +187,8 @@ def _check_something_to_watch(model_dir: str) -> None:
     A run writes config.json before its first step; only then is waiting
     for checkpoints (up to --eval_timeout_secs) worth it.
     """
-    if tf.train.latest_checkpoint(model_dir) or tf.io.gfile.exists(
-        os.path.join(model_dir, "config.json")
+    if tf.train.latest_checkpoint(model_dir) or file_io.exists(
+        file_io.join(model_dir, "config.json")
     ):
         return
     raise FileNotFoundError(

@@ -71,21 +71,19 @@ def resolve_source(path: str) -> Source:
     path = path.rstrip("/")
     if file_io.exists(file_io.join(path, "saved_model.pb")):
         return Source(path, file_io.join(path, "variables", "variables"), path)
-    if tf.io.gfile.exists(path + ".index"):
+    if file_io.exists(path + ".index"):
         return Source(path, path)
-    if tf.io.gfile.isdir(path):
+    if file_io.isdir(path):
         latest = tf.train.latest_checkpoint(path)
         if latest:
             return Source(path, latest)
         exports = file_io.join(path, "saved_model")
         steps = [
-            name.rstrip("/")
+            name
             for name in (
-                tf.io.gfile.listdir(exports)
-                if tf.io.gfile.isdir(exports)
-                else []
+                file_io.listdir(exports) if file_io.isdir(exports) else []
             )
-            if name.rstrip("/").isdigit()
+            if name.isdigit()
         ]
         if steps:
             return resolve_source(file_io.join(exports, max(steps, key=int)))

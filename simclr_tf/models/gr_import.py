@@ -13,14 +13,13 @@ serving function can be run to check the copy and to find which projection
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from simclr_tf import file_io
 from simclr_tf.models import gr_architecture as gr_arch
 from simclr_tf.models import gr_checkpoint, gr_layout, simclr
 
@@ -209,14 +208,13 @@ def _selector_from_flags(source: gr_checkpoint.Source) -> int | None:
     Looked for beside the checkpoint, and two levels above a SavedModel
     (model_dir/saved_model/<step>).
     """
-    directories = [os.path.dirname(source.prefix), source.path]
+    directories = [file_io.dirname(source.prefix), source.path]
     if source.saved_model_dir:
-        directories.append(os.path.dirname(os.path.dirname(source.path)))
+        directories.append(file_io.dirname(file_io.dirname(source.path)))
     for directory in directories:
-        path = os.path.join(directory, "flags.json")
-        if tf.io.gfile.exists(path):
-            with tf.io.gfile.GFile(path) as file:
-                return json.load(file).get("ft_proj_selector")
+        path = file_io.join(directory, "flags.json")
+        if file_io.exists(path):
+            return file_io.read_json(path).get("ft_proj_selector")
     return None
 
 

@@ -12,7 +12,6 @@ and `--checkpoint=OUT` starts fine-tuning or linear evaluation from it.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 
@@ -20,7 +19,7 @@ import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
-from simclr_tf import optim
+from simclr_tf import file_io, optim
 from simclr_tf.config import schema as config_lib
 from simclr_tf.config import validation
 from simclr_tf.models import gr_import
@@ -67,7 +66,7 @@ def _optimizer(config: config_lib.Config) -> keras.optimizers.Optimizer:
 
 def _check_empty(model_dir: str) -> None:
     for name in ("checkpoint", "config.json"):
-        if tf.io.gfile.exists(os.path.join(model_dir, name)):
+        if file_io.exists(file_io.join(model_dir, name)):
             raise ValueError(
                 f"--model_dir={model_dir} already holds a run ({name}); "
                 "pass a new directory."
@@ -109,8 +108,7 @@ def import_checkpoint(
         step_counter=optimizer.iterations,
     )
     prefix = manager.save(checkpoint_number=0)
-    with tf.io.gfile.GFile(os.path.join(model_dir, "config.json"), "w") as f:
-        f.write(config.to_json())
+    file_io.write_text(file_io.join(model_dir, "config.json"), config.to_json())
     return {
         "checkpoint": prefix,
         "architecture": imported.architecture.describe(),

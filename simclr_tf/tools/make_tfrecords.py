@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
-import json
 import math
 import os
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
+from simclr_tf import file_io
 from simclr_tf.data.sources import folder, tfrecord
 
 _MAX_EXAMPLE_PATHS = 10  # skipped paths recorded per reason
@@ -64,32 +64,31 @@ def _write_shard(
         with tf.io.TFRecordWriter(temporary) as writer:
             for file_path, label in items:
                 try:
-                    with open(file_path, "rb") as file:
-                        data = file.read()
-                except OSError as error:
+                    data = file_io.read_bytes(file_path)
+                except (OSError, tf.errors.OpError) as error:
                     logging.warning("cannot read %s: %s", file_path, error)
                     unreadable.append(file_path)
                     continue
-                relative = os.path.relpath(file_path, root).replace(os.sep, "/")
+                relative = file_io.relative(file_path, root)
                 writer.write(
                     _example(data, int(label), relative).SerializeToString()
                 )
                 written += 1
-        tf.io.gfile.rename(temporary, path, overwrite=True)
+        file_io.rename(temporary, path)
     finally:
-        if tf.io.gfile.exists(temporary):
-            tf.io.gfile.remove(temporary)
+        if file_io.exists(temporary):
+            file_io.remove(temporary)
     return written, unreadable
 
 
 def existing_shards(output_dir: str, split: str) -> list[str]:
     """Names of `split`'s shard files (and leftover .tmp) in output_dir."""
-    if not tf.io.gfile.isdir(output_dir):
+    if not file_io.isdir(output_dir):
         return []
     pattern = tfrecord.shard_pattern(split)
     return sorted(
         name
-        for name in tf.io.gfile.listdir(output_dir)
+        for name in file_io.listdir(output_dir)
         if pattern.match(name.removesuffix(".tmp"))
     )
 
@@ -176,8 +175,8 @@ def write_split(
         raise ValueError(f"--num_shards={num_shards} must be >= 1.")
     check_output(output_dir, name, overwrite)
     for old in existing_shards(output_dir, name):
-        tf.io.gfile.remove(os.path.join(output_dir, old))
-    tf.io.gfile.makedirs(output_dir)
+        file_io.remove(file_io.join(output_dir, old))
+    file_io.makedirs(output_dir)
     items = list(zip(listing.paths, listing.labels.tolist(), strict=True))
     count = min(num_shards, len(items))
     parts = np.array_split(np.arange(len(items)), count)
@@ -190,7 +189,7 @@ def write_split(
                 _write_shard,
                 [items[i] for i in part],
                 listing.root,
-                os.path.join(output_dir, file),
+                file_io.join(output_dir, file),
             ): k
             for k, (part, file) in enumerate(zip(parts, files, strict=True))
         }
@@ -223,7 +222,7 @@ def _split_name(listing: folder.FolderListing, split_name: str | None) -> str:
     name = split_name
     if name is None and "[" not in listing.split:
         auto = listing.split == "auto"
-        name = os.path.basename(listing.root) if auto else listing.split
+        name = file_io.basename(listing.root) if auto else listing.split
     if name is None or not tfrecord.SPLIT_NAME.match(name):
         raise ValueError(
             f"split name {name!r} for split {listing.split!r}: name the "
@@ -241,9 +240,9 @@ def update_info(output_dir: str, entries: Mapping[str, dict]) -> str:
     Returns:
       The path of dataset_info.json.
     """
-    path = os.path.join(output_dir, tfrecord.INFO_FILE)
+    path = file_io.join(output_dir, tfrecord.INFO_FILE)
     info = {"splits": {}}
-    if tf.io.gfile.exists(path):
+    if file_io.exists(path):
         info = tfrecord.read_info(output_dir)
     info["splits"].update(entries)
     info.update(
@@ -255,11 +254,7 @@ def update_info(output_dir: str, entries: Mapping[str, dict]) -> str:
             tfrecord.FILENAME_KEY: "bytes: path below the split's folder",
         },
     )
-    temporary = path + ".tmp"
-    with tf.io.gfile.GFile(temporary, "w") as file:
-        file.write(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    tf.io.gfile.rename(temporary, path, overwrite=True)
-    return path
+    return file_io.write_json(path, info)
 
 
 def parse_splits(text: str, input_dir: str) -> list[tuple[str, str]]:
@@ -282,7 +277,7 @@ def parse_splits(text: str, input_dir: str) -> list[tuple[str, str]]:
         present = [
             name
             for name in folder.EVAL_SPLIT_FOLDERS
-            if os.path.isdir(os.path.join(input_dir, name))
+            if file_io.isdir(file_io.join(input_dir, name))
         ]
         return [("train", "train")] + [(name, name) for name in present]
     pairs = []
@@ -308,27 +303,35 @@ def shard_count(
             f"--shard_size_mb={shard_size_mb} must be > 0 when --num_shards "
             f"is not given; e.g. 128."
         )
-    total = sum(os.path.getsize(path) for path in listing.paths)
+    total = sum(file_io.size(path) for path in listing.paths)
     return max(1, math.ceil(total / (shard_size_mb * 2**20)))
 
 
 def _check_dirs(input_dir: str, output_dir: str) -> None:
-    if not input_dir or not os.path.isdir(input_dir):
+    if not input_dir or not file_io.isdir(input_dir):
         raise FileNotFoundError(
             f"--input_dir={input_dir!r} is not a directory; pass the image "
             f"folder (class sub-folders, or train/ and val/ split folders)."
         )
     if not output_dir:
         raise ValueError("--output_dir is required: where to write shards.")
-    inside = os.path.realpath(output_dir) + os.sep
-    if "://" not in output_dir and inside.startswith(
-        os.path.realpath(input_dir) + os.sep
-    ):
+    if _is_inside(output_dir, input_dir):
         raise ValueError(
             f"--output_dir={output_dir} is inside --input_dir={input_dir}, "
             f"where it would be read as a class or split folder; write the "
             f"shards outside it."
         )
+
+
+def _is_inside(path: str, directory: str) -> bool:
+    """Whether path is directory or below it (local: symbolic links
+    resolved; gs:// and other schemes: by prefix)."""
+    if file_io.is_remote(path) or file_io.is_remote(directory):
+        inside, outside = path.rstrip("/") + "/", directory.rstrip("/") + "/"
+    else:
+        inside = os.path.realpath(path) + os.sep
+        outside = os.path.realpath(directory) + os.sep
+    return inside.startswith(outside)
 
 
 def make_tfrecords(

@@ -9,7 +9,6 @@ or SavedModel) and the loss (distillation from `load_teacher`'s logits).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -89,7 +88,7 @@ def initialize_from(model: simclr.SimCLRModel, path: str) -> str:
       FileNotFoundError: nothing to read at path.
       ValueError: what path holds does not fit the model's architecture.
     """
-    if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+    if file_io.exists(file_io.join(path, "saved_model.pb")):
         _copy_from_saved_model(model, path)
         return path
     prefix = _checkpoint_prefix(path, "--checkpoint")
@@ -111,7 +110,7 @@ def initialize_from(model: simclr.SimCLRModel, path: str) -> str:
 
 def _checkpoint_prefix(path: str, flag: str) -> str:
     """A checkpoint prefix from a prefix or a directory of checkpoints."""
-    if tf.io.gfile.isdir(path):
+    if file_io.isdir(path):
         prefix = tf.train.latest_checkpoint(path)
         if prefix is None:
             raise FileNotFoundError(
@@ -121,7 +120,7 @@ def _checkpoint_prefix(path: str, flag: str) -> str:
                 f"export (model_dir/saved_model/N)."
             )
         return prefix
-    if not tf.io.gfile.exists(path + ".index"):
+    if not file_io.exists(path + ".index"):
         raise FileNotFoundError(
             f"{flag}={path}: no such checkpoint ({path}.index is missing); "
             f"pass a model_dir, a checkpoint prefix or a SavedModel export."
@@ -176,7 +175,7 @@ def load_teacher(
       FileNotFoundError, ValueError: no usable teacher at path.
     """
     with strategy.scope():
-        if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+        if file_io.exists(file_io.join(path, "saved_model.pb")):
             loaded = tf.saved_model.load(path)
             logits = loaded.serving_default(
                 tf.zeros((1, 8, 8, image_channels), tf.float32)
@@ -191,8 +190,8 @@ def _teacher_from_checkpoint(
     path: str, num_classes: int, image_channels: int
 ) -> simclr.SimCLRModel:
     prefix = _checkpoint_prefix(path, "--teacher")
-    config_path = os.path.join(os.path.dirname(prefix), "config.json")
-    if not tf.io.gfile.exists(config_path):
+    config_path = file_io.join(file_io.dirname(prefix), "config.json")
+    if not file_io.exists(config_path):
         raise FileNotFoundError(
             f"--teacher={path}: {config_path} is missing, so the teacher's "
             f"architecture is unknown; pass its SavedModel export "

@@ -60,8 +60,7 @@ def read_idx(path: str) -> np.ndarray:
       FileNotFoundError: path does not exist.
       ValueError: the magic number, type byte or size is not valid IDX.
     """
-    with open(path, "rb") as handle:
-        data = handle.read()
+    data = file_io.read_bytes(path)
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
     if len(data) < 4 or data[0:2] != b"\x00\x00":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import os
 import re
 from collections.abc import Mapping
 
@@ -18,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from simclr_tf import file_io
 from simclr_tf.data.sources import base, decode
 
 # Candidate images, by lower-cased extension; the format is then read from
@@ -73,8 +73,8 @@ def _visible(names: list[str]) -> list[str]:
 def _subfolders(directory: str) -> list[str]:
     return [
         name
-        for name in _visible(os.listdir(directory))
-        if os.path.isdir(os.path.join(directory, name))
+        for name in _visible(file_io.listdir(directory))
+        if file_io.isdir(file_io.join(directory, name))
     ]
 
 
@@ -84,9 +84,9 @@ def _resolve_root(data_dir: str, name: str, split: str) -> str:
     if name == "auto":
         for candidate in EVAL_SPLIT_FOLDERS:
             if candidate in present:
-                return os.path.join(data_dir, candidate)
+                return file_io.join(data_dir, candidate)
     elif name in present:
-        return os.path.join(data_dir, name)
+        return file_io.join(data_dir, name)
     elif name == "train":
         clash = [f for f in EVAL_SPLIT_FOLDERS if f in present]
         if clash:
@@ -96,25 +96,28 @@ def _resolve_root(data_dir: str, name: str, split: str) -> str:
                 "move the training classes into %s",
                 data_dir,
                 clash,
-                os.path.join(data_dir, "train"),
+                file_io.join(data_dir, "train"),
             )
         return data_dir
     wanted = "/".join(EVAL_SPLIT_FOLDERS) if name == "auto" else name
     raise ValueError(
         f"split={split!r}: --data_dir={data_dir} has no {wanted}/ sub-folder "
         f"(its sub-folders: {present or 'none'}). Put the split's images in "
-        f"{os.path.join(data_dir, name if name != 'auto' else 'val')}/, name "
+        f"{file_io.join(data_dir, name if name != 'auto' else 'val')}/, name "
         f"an existing sub-folder as the split, or slice one folder, e.g. "
         f"'train[:90%]' and 'train[90%:]'."
     )
 
 
 def _walk_files(directory: str) -> list[str]:
-    """All visible files below `directory`, recursively, sorted by path."""
+    """All visible files below `directory`, recursively, sorted by path.
+
+    Local symbolic links to folders are followed (as gfile's isdir does).
+    """
     found = []
-    for parent, folders, files in os.walk(directory, followlinks=True):
+    for parent, folders, files in file_io.walk(directory):
         folders[:] = _visible(folders)  # prune hidden folders in place
-        found.extend(os.path.join(parent, name) for name in _visible(files))
+        found.extend(file_io.join(parent, name) for name in _visible(files))
     return sorted(found)
 
 
@@ -126,22 +129,29 @@ def _list_candidates(
     class_names = tuple(_subfolders(root))
     if class_names:
         groups = [
-            (_walk_files(os.path.join(root, name)), label)
+            (_walk_files(file_io.join(root, name)), label)
             for label, name in enumerate(class_names)
         ]
-        for name in _visible(os.listdir(root)):
+        for name in _visible(file_io.listdir(root)):
             if name not in class_names:
-                skipped["outside_class_folder"].append(os.path.join(root, name))
+                skipped["outside_class_folder"].append(file_io.join(root, name))
     else:
         groups = [(_walk_files(root), -1)]
     candidates = []
     for paths, label in groups:
         for path in paths:
-            if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+            if _extension(path) in IMAGE_EXTENSIONS:
                 candidates.append((path, label))
             else:
                 skipped["unsupported_extension"].append(path)
     return candidates, class_names, skipped
+
+
+def _extension(path: str) -> str:
+    """The lower-cased extension of path's last part, e.g. ".png"."""
+    name = file_io.basename(path)
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot > 0 else ""
 
 
 def _order_key(root: str, path: str) -> str:
@@ -151,7 +161,7 @@ def _order_key(root: str, path: str) -> str:
     train[90%:] holds about 10% of every class, and it does not depend on
     where the folder is mounted or on the platform's path separator.
     """
-    relative = os.path.relpath(path, root).replace(os.sep, "/")
+    relative = file_io.relative(path, root)
     return hashlib.sha1(relative.encode("utf-8")).hexdigest()
 
 
@@ -215,7 +225,7 @@ def _check_data_dir(data_dir: str | None) -> str:
             f"directory with one sub-folder of images per class, or split "
             f"sub-folders (train/, val/) each holding class sub-folders."
         )
-    if not os.path.isdir(data_dir):
+    if not file_io.isdir(data_dir):
         raise FileNotFoundError(
             f"--data_dir={data_dir} is not a directory; pass the folder "
             f"that holds the images (or their class sub-folders)."
@@ -231,7 +241,7 @@ def _drop_unreadable(
     """Candidates that are not empty and (if verify) decode; records others."""
     kept = []
     for path, label in candidates:
-        if os.path.getsize(path) == 0:
+        if file_io.size(path) == 0:
             skipped["empty"].append(path)
         else:
             kept.append((path, label))
@@ -370,7 +380,7 @@ def open_folder(
         sum(len(paths) for paths in listing.skipped.values()),
     )
     if split == base.AUTO_SPLIT:  # record the folder it resolved to
-        split = os.path.basename(listing.root)
+        split = file_io.basename(listing.root)
     return base.Source(
         name="folder",
         split=split,

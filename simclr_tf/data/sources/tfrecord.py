@@ -48,22 +48,21 @@ def read_info(data_dir: str) -> dict:
         not JSON, or has a format version this code does not read.
     """
     path = file_io.join(data_dir, INFO_FILE)
-    if not tf.io.gfile.exists(path):
-        where = "" if tf.io.gfile.isdir(data_dir) else " (no such directory)"
+    if not file_io.exists(path):
+        where = "" if file_io.isdir(data_dir) else " (no such directory)"
         raise ValueError(
             f"--data_dir={data_dir}{where} has no {INFO_FILE}, so it is not a "
             f"TFRecord dataset. Write one from an image folder with `{_TOOL} "
             f"--input_dir=<image folder> --output_dir={data_dir}`, or use "
             f"--dataset=folder to read the images directly."
         )
-    with tf.io.gfile.GFile(path, "r") as file:
-        try:
-            info = json.load(file)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{path} is not valid JSON ({error}); rewrite it with {_TOOL} "
-                f"--overwrite."
-            ) from None
+    try:
+        info = file_io.read_json(path)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); rewrite it with {_TOOL} "
+            f"--overwrite."
+        ) from None
     version = info.get("format_version") if isinstance(info, dict) else None
     if version != FORMAT_VERSION or not isinstance(info.get("splits"), dict):
         raise ValueError(
@@ -110,7 +109,7 @@ def _shard_paths(
     missing = [
         name
         for name in names
-        if not tf.io.gfile.exists(file_io.join(data_dir, name))
+        if not file_io.exists(file_io.join(data_dir, name))
     ]
     if missing:
         raise FileNotFoundError(
