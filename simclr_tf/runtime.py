@@ -25,13 +25,16 @@ from simclr_tf.config import schema as config_lib
 def configure_virtual_cpus(count: int) -> None:
     """Splits the first physical CPU into `count` logical devices.
 
-    Must run before TensorFlow initialises its devices (before any op).
+    Must run before TensorFlow initialises its devices (before any op),
+    unless the CPU was already split into at least `count` devices (by a
+    test harness or an earlier run in the process): `make_strategy` then
+    uses the first `count`.
 
     Args:
       count: number of logical CPU devices; 0 or 1 leaves the CPU as is.
 
     Raises:
-      RuntimeError: when TensorFlow has already initialised its devices.
+      RuntimeError: when TensorFlow has already initialised fewer devices.
     """
     if count <= 1:
         return
@@ -42,8 +45,8 @@ def configure_virtual_cpus(count: int) -> None:
         )
     except RuntimeError as error:
         logical = len(tf.config.list_logical_devices("CPU"))
-        if logical == count:
-            return  # Already split the same way (e.g. by a test harness).
+        if logical >= count:
+            return  # Already split (e.g. by a test harness).
         raise RuntimeError(
             f"--num_virtual_cpus={count} must be applied before TensorFlow "
             f"starts; {logical} CPU devices already exist. Set it at "
@@ -171,7 +174,7 @@ def make_strategy(
         gpus = tf.config.list_logical_devices("GPU")
         if gpus:
             return tf.distribute.MirroredStrategy()
-        cpus = tf.config.list_logical_devices("CPU")
+        cpus = tf.config.list_logical_devices("CPU")[: runtime.num_virtual_cpus]
         return tf.distribute.MirroredStrategy([d.name for d in cpus])
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()

@@ -121,9 +121,22 @@ def test_explicit_strategy_is_kept():
 
 
 def test_virtual_cpus_after_start_up_is_a_clear_error():
-    # conftest split the CPU into 4 before TensorFlow started; 3 cannot be.
-    with pytest.raises(RuntimeError, match="--num_virtual_cpus=3"):
-        runtime.configure_virtual_cpus(3)
+    # conftest split the CPU into 4 before TensorFlow started; 8 cannot be.
+    with pytest.raises(RuntimeError, match="--num_virtual_cpus=8"):
+        runtime.configure_virtual_cpus(8)
+
+
+def test_fewer_virtual_cpus_than_exist_use_the_first_ones(monkeypatch):
+    # conftest made 4; a run asking for 2 mirrors over cpu:0 and cpu:1.
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    strategy = runtime.make_strategy(_runtime(num_virtual_cpus=2), CPU)
+    assert strategy.num_replicas_in_sync == 2
+    assert [
+        name.rsplit("/", 1)[-1] for name in strategy.extended.worker_devices
+    ] == [
+        "device:CPU:0",
+        "device:CPU:1",
+    ]
 
 
 def _gpus(*capabilities):
