@@ -159,7 +159,7 @@ def run_eval_loop(
         started = time.time()
         if state is None:
             state = train_state.build_state(config, strategy, source)
-        state.manager.checkpoint.restore(prefix).expect_partial()
+        train_state.restore_weights(state, prefix)
         logging.info("evaluating %s (step %d)", prefix, step)
         result = {**base_result, "step": step, "checkpoint": prefix}
         result.update(evaluate_state(config, state, source))

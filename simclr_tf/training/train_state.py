@@ -24,6 +24,10 @@ from simclr_tf.models import simclr
 from simclr_tf.training import builders, modes
 from simclr_tf.training import schedule as schedule_lib
 
+# Modes that read a checkpoint's weights and never train on: its optimizer
+# (which depends on --precision) is not restored.
+WEIGHTS_ONLY_MODES = ("eval", "export")
+
 
 @dataclasses.dataclass(kw_only=True)
 class TrainState:
@@ -164,21 +168,29 @@ def _restore_or_initialize(
     latest = tf.train.latest_checkpoint(config.model_dir)
     if latest:
         checkpoint = manager.checkpoint
+        parts = {"model": checkpoint.model}
+        if config.train.mode not in WEIGHTS_ONLY_MODES:
+            parts["optimizer"] = checkpoint.optimizer
         try:
-            tf.train.Checkpoint(
-                model=checkpoint.model, optimizer=checkpoint.optimizer
-            ).restore(latest).assert_existing_objects_matched()
+            tf.train.Checkpoint(**parts).restore(
+                latest
+            ).assert_existing_objects_matched()
             # Checkpoints from before the step variable (and imported ones)
             # lack it; build_state then takes the optimizer's iterations.
             tf.train.Checkpoint(step=checkpoint.step).restore(
                 latest
             ).expect_partial()
-        except (AssertionError, ValueError) as error:
+        except (
+            AssertionError,
+            ValueError,
+            tf.errors.InvalidArgumentError,
+        ) as error:
             raise ValueError(
                 f"--model_dir={config.model_dir} holds a checkpoint "
                 f"({latest}) that does not match this "
                 f"model: {str(error)[:300]}. Use a new --model_dir, or the "
-                f"flags in {config.model_dir}/config.json to resume it."
+                f"flags in {config.model_dir}/config.json (--precision too: "
+                f"mixed_float16 adds loss-scale state) to resume it."
             ) from error
         logging.info("resumed from %s", latest)
     elif (
@@ -199,6 +211,18 @@ def _restore_or_initialize(
         logging.info(
             "no checkpoint in %s; starting from step 0", config.model_dir
         )
+
+
+def restore_weights(state: TrainState, prefix: str) -> None:
+    """Restores a checkpoint's model weights and step, not its optimizer.
+
+    What evaluation and export need; the optimizer may differ from the
+    one that wrote it (mixed_float16 wraps it in a LossScaleOptimizer), so
+    a float16 run can be evaluated or exported in float32 or bfloat16.
+    """
+    tf.train.Checkpoint(model=state.model, step=state.step).restore(
+        prefix
+    ).expect_partial()
 
 
 def restore_for_eval(
