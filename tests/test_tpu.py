@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -39,12 +41,12 @@ def _fake_program(directory, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def test_create_command_v3_8_exact_argv():
-    argv = gcloud.create_command("simclr-v3", ZONE, "v3-8")
+def test_create_command_v4_8_exact_argv():
+    argv = gcloud.create_command("simclr-v4", "us-central2-b", "v4-8")
     assert argv == [
-        "gcloud", "compute", "tpus", "tpu-vm", "create", "simclr-v3",
-        f"--zone={ZONE}", "--accelerator-type=v3-8",
-        "--version=tpu-vm-tf-2.17.0-pjrt",
+        "gcloud", "compute", "tpus", "tpu-vm", "create", "simclr-v4",
+        "--zone=us-central2-b", "--accelerator-type=v4-8",
+        "--version=tpu-ubuntu2204-base",
     ]  # fmt: skip
 
 
@@ -55,9 +57,25 @@ def test_create_command_v4_32_spot_pod_exact_argv():
     assert argv == [
         "gcloud", "compute", "tpus", "tpu-vm", "create", "my-pod",
         "--zone=us-central2-b", "--project=my-project",
-        "--accelerator-type=v4-32", "--version=tpu-vm-tf-2.17.0-pod-pjrt",
+        "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base",
         "--spot",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "accelerator_type, image",
+    # Google's table of TPU software versions to install a framework on
+    # (cloud.google.com/tpu/docs/runtimes): one host and pod slices alike.
+    [("v3-128", "tpu-ubuntu2204-base"), ("v4-8", "tpu-ubuntu2204-base"),
+     ("v4-32", "tpu-ubuntu2204-base"), ("v5litepod-8", "v2-alpha-tpuv5-lite"),
+     ("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5p-8", "v2-alpha-tpuv5"),
+     ("v6e-8", "v2-alpha-tpuv6e"), ("v6e-64", "v2-alpha-tpuv6e")],
+)  # fmt: skip
+def test_create_picks_the_image_of_the_generation(accelerator_type, image):
+    argv = gcloud.create_command("x", ZONE, accelerator_type)
+    assert argv[-1] == f"--version={image}"
+    chosen = gcloud.create_command("x", ZONE, accelerator_type, version="v")
+    assert chosen[-1] == "--version=v"  # --version overrides it
 
 
 @pytest.mark.parametrize(
@@ -65,7 +83,8 @@ def test_create_command_v4_32_spot_pod_exact_argv():
     # Hosts from the Cloud TPU docs: 8 cores (v2-v4, v5p) or 8 chips
     # (v5litepod) per host.
     [("v3-8", 1), ("v3-128", 16), ("v4-8", 1), ("v4-32", 4),
-     ("v5litepod-4", 1), ("v5litepod-16", 2)],
+     ("v5litepod-4", 1), ("v5litepod-16", 2), ("v6e-4", 1), ("v6e-8", 1),
+     ("v6e-16", 2), ("v6e-256", 32)],
 )  # fmt: skip
 def test_num_hosts_matches_documented_topologies(accelerator_type, hosts):
     assert gcloud.num_hosts(accelerator_type) == hosts
@@ -297,3 +316,81 @@ def test_script_without_dry_run_runs_the_printed_command(tmp_path):
     while not (tmp_path / "called").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert (tmp_path / "called").read_text().split() == printed[1:]
+
+
+def _listener(directory, port: int) -> None:
+    """A fake python3 that records its arguments and listens on `port`
+    (what the TensorFlow server would do), writing its process id."""
+    code = (
+        "import os, socket, time; s = socket.socket(); "
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+        f"s.bind(('localhost', {port})); s.listen(); "
+        f"open('{directory}/pid', 'w').write(str(os.getpid())); "
+        "time.sleep(60)"
+    )
+    _fake_program(
+        directory,
+        "python3",
+        f'printf "%s\\n" "$@" >> "{directory}/argv.txt"\n'
+        f"exec {shlex.quote(sys.executable)} -c {shlex.quote(code)}\n",
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def _run_server_script(tmp_path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-c", remote.server_script(**kwargs)],
+        env={"HOME": str(tmp_path), "PATH": f"{tmp_path}:/bin:/usr/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_server_script_starts_the_server_and_waits_until_it_listens(
+    tmp_path,
+):
+    port = _free_port()
+    _listener(tmp_path, port)
+    try:
+        finished = _run_server_script(tmp_path, port=port, wait_seconds=30)
+        assert finished.returncode == 0, finished.stderr
+        argv = (tmp_path / "argv.txt").read_text().splitlines()
+        assert argv[0] == "-c" and f"localhost:{port}" in argv[1]
+        # Once one listens, running the script again starts no second one.
+        again = _run_server_script(tmp_path, port=port, wait_seconds=5)
+        assert again.returncode == 0, again.stderr
+        assert (tmp_path / "argv.txt").read_text().splitlines() == argv
+    finally:
+        if (tmp_path / "pid").exists():
+            os.kill(int((tmp_path / "pid").read_text()), signal.SIGTERM)
+
+
+def test_server_script_fails_naming_the_log_when_nothing_listens(tmp_path):
+    _fake_program(tmp_path, "python3", "exit 1\n")
+    finished = _run_server_script(tmp_path, port=_free_port(), wait_seconds=2)
+    assert finished.returncode == 1
+    assert "see ~/simclr_tf_logs/tpu_server.log" in finished.stderr
+
+
+@pytest.mark.parametrize("accelerator_type, hosts", [("v4-8", 1), ("v4-32", 4)])
+def test_launch_starts_servers_on_every_worker_of_a_pod_first(
+    tmp_path, accelerator_type, hosts
+):
+    finished = _run_script(
+        tmp_path, "launch.py", "--name=my-pod", f"--zone={ZONE}",
+        f"--accelerator_type={accelerator_type}", "--dry_run", "--", "--a=b",
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    commands = [shlex.split(line) for line in finished.stdout.splitlines()]
+    workers = [a for argv in commands for a in argv if a.startswith("--wor")]
+    if hosts == 1:
+        assert workers == ["--worker=0"]
+    else:
+        assert workers == ["--worker=all", "--worker=0"]
+        assert _command_value(commands[0]) == remote.server_script()

@@ -1,8 +1,8 @@
 """Creates a TPU VM or pod slice: `python tpu/create.py --name=... --dry_run`.
 
 Prints the gcloud command, then runs it unless --dry_run. Example:
-  python tpu/create.py --name=simclr-v3 --zone=europe-west4-a \
-      --accelerator_type=v3-128 --spot --dry_run
+  python tpu/create.py --name=simclr-v4 --zone=us-central2-b \
+      --accelerator_type=v4-32 --spot --dry_run
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     gcloud.add_common_arguments(parser)
     parser.add_argument(
-        "--accelerator_type", required=True, help="e.g. v3-8, v4-32."
+        "--accelerator_type",
+        required=True,
+        help="e.g. v4-8, v4-32, v5litepod-16, v6e-8.",
     )
     parser.add_argument(
         "--version",
-        help="TPU runtime image; default tpu-vm-tf-"
-        f"{gcloud.DEFAULT_TF_VERSION}-pjrt (one host) or "
-        f"tpu-vm-tf-{gcloud.DEFAULT_TF_VERSION}-pod-pjrt (pod slice).",
+        help="TPU software version (image); default by generation: "
+        + ", ".join(f"{g} {v}" for g, v in gcloud.RUNTIME_IMAGES.items())
+        + ".",
     )
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--spot", action="store_true", help="Spot TPU VM.")

@@ -16,13 +16,21 @@ from collections.abc import Callable, Sequence
 
 from tpu import remote
 
-# TPU VM images with TensorFlow preinstalled are named
-# tpu-vm-tf-X.Y.Z[-pod]-pjrt; "-pod" images also run a TensorFlow server on
-# every host, which TPUStrategy needs to drive a multi-host slice from one
-# process. 2.17.0 is the newest TensorFlow image Google's own samples name
-# (python-docs-samples); simclr_tf needs TensorFlow 2.20 or newer, so the
-# install puts tensorflow-tpu 2.20 from PyPI on it (tpu/remote.py).
-DEFAULT_TF_VERSION = "2.17.0"
+# The TPU software version (image) Google documents per generation for
+# installing a framework yourself (cloud.google.com/tpu/docs/runtimes): Ubuntu
+# 22.04 with Python 3.10 and no TensorFlow. simclr_tf needs TensorFlow 2.20,
+# and no tpu-vm-tf-* image carries it, so install.py puts tensorflow-tpu 2.20
+# from PyPI on every host, and on a pod slice launch.py starts the
+# TensorFlow TPU server on each host that tpu-vm-tf-*-pod images would run
+# (tpu/remote.py).
+RUNTIME_IMAGES = {
+    "v2": "tpu-ubuntu2204-base",
+    "v3": "tpu-ubuntu2204-base",
+    "v4": "tpu-ubuntu2204-base",
+    "v5litepod": "v2-alpha-tpuv5-lite",
+    "v5p": "v2-alpha-tpuv5",
+    "v6e": "v2-alpha-tpuv6e",
+}
 COPIED_PATHS = (
     "simclr_tf",
     "flags",
@@ -30,9 +38,11 @@ COPIED_PATHS = (
     "requirements.txt",
     "requirements-compat.txt",
 )
-GENERATIONS = ("v2", "v3", "v4", "v5litepod", "v5p")
-CORES_PER_HOST = 8  # v2/v3/v4/v5p: TensorCores, v5litepod: chips per host.
-_ACCELERATOR = re.compile(r"^(v2|v3|v4|v5litepod|v5p)-([1-9][0-9]*)$")
+GENERATIONS = tuple(RUNTIME_IMAGES)
+# What the count in an accelerator type counts, 8 of them per host:
+# TensorCores on v2/v3/v4/v5p, chips on v5litepod and v6e.
+CORES_PER_HOST = 8
+_ACCELERATOR = re.compile(rf"^({'|'.join(GENERATIONS)})-([1-9][0-9]*)$")
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
 _BASE = ("gcloud", "compute", "tpus", "tpu-vm")
@@ -79,8 +89,8 @@ def parse_accelerator_type(accelerator_type: str) -> tuple[str, int]:
     match = _ACCELERATOR.match(accelerator_type or "")
     if match is None:
         raise ValueError(
-            f"--accelerator_type={accelerator_type!r} must look like v3-8, "
-            f"v4-32 or v5litepod-16 (generation one of {GENERATIONS})."
+            f"--accelerator_type={accelerator_type!r} must look like v4-8, "
+            f"v5litepod-16 or v6e-8 (generation one of {GENERATIONS})."
         )
     count = int(match.group(2))
     if count > CORES_PER_HOST and count % CORES_PER_HOST:
@@ -98,12 +108,12 @@ def num_hosts(accelerator_type: str) -> int:
     return max(1, count // CORES_PER_HOST)
 
 
-def default_version(
-    accelerator_type: str, tf_version: str = DEFAULT_TF_VERSION
-) -> str:
-    """The TensorFlow TPU VM image: the "-pod" variant for multi-host."""
-    pod = "-pod" if num_hosts(accelerator_type) > 1 else ""
-    return f"tpu-vm-tf-{tf_version}{pod}-pjrt"
+def default_version(accelerator_type: str) -> str:
+    """The TPU software version for a generation: v4-32 tpu-ubuntu2204-base,
+    v5litepod-16 v2-alpha-tpuv5-lite, v6e-8 v2-alpha-tpuv6e; one host or
+    a pod slice alike."""
+    generation, _ = parse_accelerator_type(accelerator_type)
+    return RUNTIME_IMAGES[generation]
 
 
 def _tpu_vm(
@@ -231,7 +241,8 @@ def launch_command(
 
     TPUStrategy is single-controller: on one host it uses the local TPU
     (--tpu_name=local); on a pod slice it resolves every host by the TPU's
-    name (--tpu_name=NAME). Running it on every worker would start one
+    name (--tpu_name=NAME) and reaches their TPUs through the servers that
+    `server_command` starts. Running it on every worker would start one
     independent run per host, all writing to the same model_dir.
     """
     multi_host = num_hosts(accelerator_type) > 1
@@ -243,6 +254,14 @@ def launch_command(
         multi_host,
     )
     return ssh_command(name, zone, script, "0", project)
+
+
+def server_command(
+    name: str, zone: str, project: str | None = None
+) -> list[str]:
+    """Starts the TensorFlow TPU server on every worker of a pod slice and
+    returns once each one listens (remote.server_script)."""
+    return ssh_command(name, zone, remote.server_script(), "all", project)
 
 
 def collect_logs_commands(

@@ -2,12 +2,13 @@
 
 Training arguments follow `--`; the run starts under nohup on worker 0 (the
 one TensorFlow process of a slice) and logs to ~/simclr_tf_logs/train.log
-there. Prints the commands, then runs them unless --dry_run. Examples:
-  python tpu/launch.py --name=my-pod --zone=europe-west4-a \
-      --accelerator_type=v3-128 --dry_run -- \
+there. On a pod slice, the TensorFlow TPU server is first started on every
+worker. Prints the commands, then runs them unless --dry_run. Examples:
+  python tpu/launch.py --name=my-pod --zone=us-central2-b \
+      --accelerator_type=v4-32 --dry_run -- \
       --flagfile=flags/imagenet.cfg --model_dir=gs://b/r --data_dir=gs://b/tfds
-  python tpu/launch.py --name=my-pod --zone=europe-west4-a \
-      --accelerator_type=v3-128 --collect_logs_to=logs/my-pod
+  python tpu/launch.py --name=my-pod --zone=us-central2-b \
+      --accelerator_type=v4-32 --collect_logs_to=logs/my-pod
 """
 
 from __future__ import annotations
@@ -75,7 +76,12 @@ def build_commands(arguments: argparse.Namespace) -> list[list[str]]:
         remote_dir=arguments.remote_dir,
         log_file=LOG_FILE,
     )
-    return [launch]
+    if gcloud.num_hosts(arguments.accelerator_type) == 1:
+        return [launch]
+    server = gcloud.server_command(
+        arguments.name, arguments.zone, project=arguments.project
+    )
+    return [server, launch]
 
 
 def main(argv: list[str]) -> int:

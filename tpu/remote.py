@@ -90,3 +90,38 @@ def training_script(
         f"mkdir -p {log_dir} && cd {shlex.quote(remote_dir)} && "
         f"{environment}nohup {command} > {log} 2>&1 < /dev/null &"
     )
+
+
+# What tpu-vm-tf-*-pod images run on every host as the tpu-runtime service,
+# after tensorflow/tpu's tools/grpc_tpu_worker: a TensorFlow gRPC server
+# owning the host's TPU chips, which TPUStrategy on worker 0 drives.
+TPU_SERVER_PORT = 8470
+_SERVER_CODE = (
+    "import tensorflow as tf; "
+    "tf.distribute.Server(tf.train.ClusterSpec("
+    '{{"tpu_worker": ["localhost:{port}"]}}), job_name="tpu_worker", '
+    'task_index=0, protocol="grpc").join()'
+)
+
+
+def server_script(
+    port: int = TPU_SERVER_PORT,
+    log_file: str = "simclr_tf_logs/tpu_server.log",
+    wait_seconds: int = 180,
+) -> str:
+    """Bash script starting this host's TensorFlow TPU server, if none
+    listens on `port` yet, and returning once one does (exit 1 after
+    `wait_seconds`, naming the log). Run on every worker of a pod slice
+    before the training process starts on worker 0."""
+    listening = f"(echo > /dev/tcp/localhost/{port}) 2>/dev/null"
+    log = '"$HOME"/' + shlex.quote(log_file)
+    log_dir = '"$HOME"/' + shlex.quote(log_file.rpartition("/")[0] or ".")
+    code = shlex.quote(_SERVER_CODE.format(port=port))
+    start = f"nohup python3 -c {code} > {log} 2>&1 < /dev/null"
+    return (
+        f"mkdir -p {log_dir}; {listening} || {{ {start} & }}; "
+        f"for _ in $(seq {max(1, wait_seconds)}); do "
+        f"{listening} && exit 0; sleep 1; done; "
+        f'echo "no TensorFlow TPU server on port {port} after '
+        f'{wait_seconds} s; see ~/{log_file}" >&2; exit 1'
+    )
