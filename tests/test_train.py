@@ -133,7 +133,7 @@ def test_resolve_schedule_rejects_batch_larger_than_split():
 
 
 def test_loop_lengths_stop_at_checkpoints_and_the_end():
-    schedule = train_state.Schedule(
+    schedule = schedule_lib.Schedule(
         steps_per_epoch=10,
         total_steps=25,
         warmup_steps=0,
@@ -279,7 +279,7 @@ def _two_step_losses(config, make_iterator) -> list[float]:
     keras.utils.set_random_seed(0)
     model = builders.build_model(config, 10, 3)
     model(tf.zeros((1, 16, 16, 3)))
-    schedule = train_state.Schedule(
+    schedule = schedule_lib.Schedule(
         steps_per_epoch=10,
         total_steps=100,
         warmup_steps=0,
