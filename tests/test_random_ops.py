@@ -14,7 +14,8 @@ import tensorflow as tf
 
 from simclr_tf.data.augment import randomness
 
-# Mixed signs: XLA keys negative int32 seeds differently, as_seed must not.
+# Mixed signs: under XLA TF's auto-selected algorithm keys negative seeds
+# differently from its kernels; named Philox must not.
 SEEDS = [[0, 0], [12345, 678], [2**31 - 1, 5], [-3, 7], [7, -(2**31)]]
 
 
@@ -35,7 +36,7 @@ def _ks_limit(count, alpha=1e-3):
 def _unit_and_scaled(seed):
     return (
         randomness.uniform(seed, [7, 13]),
-        randomness.uniform(seed, [7, 13], -0.5, 2.0),
+        randomness.per_image(seed, [7, 13], -0.5, 2.0),
     )
 
 
@@ -75,6 +76,14 @@ def test_uniform_follows_its_law_and_seed_repeats():
     np.testing.assert_array_equal(again.numpy(), draws)
     other = randomness.uniform(tf.constant([4, 3]), [4000], 0.1, 2.0)
     assert np.mean(other.numpy() == draws) < 0.01
+
+
+def test_per_image_equals_uniform():
+    seed = tf.constant([3, -9])
+    np.testing.assert_array_equal(
+        randomness.per_image(seed, [6, 4], 0.5, 1.5),
+        randomness.uniform(seed, [6, 4], 0.5, 1.5),
+    )
 
 
 def test_bernoulli_rate_is_p():

@@ -137,7 +137,7 @@ def jitter_draws(
     ranges = [jitter_range(op, strength, impl) for op in range(4)]
     low = tf.constant([low for low, _ in ranges])
     high = tf.constant([high for _, high in ranges])
-    factors = randomness.uniform(factor_seed, [count, 4], low, high)
+    factors = randomness.per_image(factor_seed, [count, 4], low, high)
     if random_order:
         order = tf.argsort(randomness.uniform(order_seed, [count, 4]), axis=-1)
     else:
@@ -323,7 +323,7 @@ def random_blur(
         )
     apply_seed, sigma_seed = randomness.split(seed, 2)
     count = randomness.batch_size(images)
-    sigma = randomness.uniform(sigma_seed, [count], 0.1, 2.0)
+    sigma = randomness.per_image(sigma_seed, [count], 0.1, 2.0)
     kernel_size = blur_kernel_size(images.shape[1])
     blurred = gaussian_blur(images, sigma, kernel_size)
     return randomness.select(
