@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+# Philox named explicitly, not TF's "auto_select" (Philox on CPU too):
+# under XLA, auto_select's draws disagree with the kernels' for negative
+# seeds and took 170 ms for 512 x 100 x 4 int32 draws, Philox's 2.4 ms.
+_ALGORITHM = "philox"
+
 
 def as_float(image: tf.Tensor) -> tf.Tensor:
     """uint8 0..255 or float 0..1 [..., H, W, C] -> float32 0..1."""
@@ -43,12 +48,6 @@ def batch_size(images: tf.Tensor) -> tf.Tensor:
             "image use views.simclr_augment or image[None]."
         )
     return images.shape[0] or tf.shape(images)[0]
-
-
-# Philox named explicitly, not TF's "auto_select" (Philox on CPU too):
-# under XLA, auto_select's draws disagree with the kernels' for negative
-# seeds and took 170 ms for 512 x 100 x 4 int32 draws, Philox's 2.4 ms.
-_ALGORITHM = "philox"
 
 
 def as_seed(seed: tf.Tensor | None) -> tf.Tensor:
