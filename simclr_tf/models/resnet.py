@@ -5,7 +5,8 @@ padding for strided convs, zero-initialised last BN gamma in every residual
 branch, optional CIFAR stem and fractional width multipliers, and SimCLRv2's
 selective kernels (SK, with the ResNet-D stem and shortcuts) and
 squeeze-excitation (SE). With sk_ratio = se_ratio = 0 the layers, names and
-weights are those of the plain ResNet.
+weights are those of the plain ResNet. Convolutions are conv.Conv2D
+(keras.layers.Conv2D whose gradients on CPUs come from conv.conv2d).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 import keras
 
-from simclr_tf.models import batch_norm
+from simclr_tf.models import batch_norm, conv
 
 BATCH_NORM_EPSILON = 1e-5
 # Smallest hidden width of the SK gate (GR's SK_Conv2D min_dim).
@@ -75,7 +76,7 @@ def conv2d_fixed_padding(
             name=name + "_pad",
         )(inputs)
         padding = "valid"
-    return keras.layers.Conv2D(
+    return conv.Conv2D(
         filters,
         kernel_size,
         strides=strides,
@@ -205,7 +206,7 @@ def _squeeze_excitation(
         ("se_reduce", max(1, int(filters * se_ratio)), "relu"),
         ("se_expand", inputs.shape[-1], "sigmoid"),
     ):
-        gate = keras.layers.Conv2D(
+        gate = conv.Conv2D(
             channels,
             1,
             activation=activation,
