@@ -115,10 +115,26 @@ def step_flops_per_image(model: str) -> int:
     return 2 * 3 * forward_flops_per_image(**MODELS[model])
 
 
+CLOCKS = ("wall", "cpu")
+
+
+def clock(name: str) -> Callable[[], float]:
+    """A seconds counter: "wall" (time.perf_counter) or "cpu" (this
+    process's CPU time, all threads, over the cores it may use: on a
+    machine shared with other processes it stays near the unloaded wall
+    time, which the others' load inflates; idle threads that spin count as
+    busy)."""
+    if name == "wall":
+        return time.perf_counter
+    cores = len(os.sched_getaffinity(0))
+    return lambda: time.process_time() / cores
+
+
 def matmul_flops_per_second(
     size: int,
     repeats: int,
     dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    clock_name: str = "wall",
 ) -> dict[str, float]:
     """FLOP/s of a size x size tf.matmul, median of `repeats`, per dtype.
 
@@ -129,6 +145,7 @@ def matmul_flops_per_second(
         AVX512_CORE on a CPU that has AVX-512, TensorFlow still sends
         bfloat16 matmuls to oneDNN, which aborts the process: time float32
         only there.)
+      clock_name: "wall" or "cpu" (`clock`).
 
     Returns:
       {dtype name: FLOP/s}; the machine's practical peak that step rates
@@ -143,11 +160,11 @@ def matmul_flops_per_second(
         b = tf.cast(tf.random.uniform((size, size), seed=2), dtype)
         product = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
         float(product(a, b))  # Trace and warm up.
-        times = []
+        now, times = clock(clock_name), []
         for _ in range(repeats):
-            started = time.perf_counter()
+            started = now()
             float(product(a, b))
-            times.append(time.perf_counter() - started)
+            times.append(now() - started)
         rates[dtype.name] = 2 * size**3 / float(np.median(times))
     return rates
 
