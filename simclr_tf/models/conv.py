@@ -1,11 +1,11 @@
 """conv2d with a custom gradient for CPUs, and the Keras layer that uses it.
 
-TensorFlow's oneDNN backprop kernels can run well below its forward conv on
-CPUs (Conv2DBackpropInput at 36% of the matmul rate on an AVX2 machine
-where the forward ran at 93%). `conv2d` computes the forward pass with
-tf.nn.conv2d and, on CPUs, each gradient by the formulation of
-models/conv_gradients.py chosen for the conv's kernel size and stride
-(METHODS). On GPUs and TPUs and under XLA, cuDNN and XLA have their own
+On one AVX2 machine TensorFlow's oneDNN Conv2DBackpropInput ran at 36% of
+the matmul rate while the forward conv ran at 93%. `conv2d` computes the
+forward pass with tf.nn.conv2d and, on CPUs, each gradient by the
+formulation of models/conv_gradients.py that METHODS picks for the conv's
+kernel size and stride (TensorFlow's own kernel where none measured
+faster). On GPUs and TPUs and under XLA, cuDNN and XLA have their own
 gradient kernels and `conv2d` is plain tf.nn.conv2d (`gradient_path`).
 """
 
