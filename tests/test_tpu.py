@@ -7,6 +7,7 @@ fake python3, and the scripts run with a fake gcloud that records calls.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shlex
@@ -16,6 +17,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -150,6 +152,9 @@ def test_tpu_install_resolves_on_python_3_10_from_pypi(tmp_path):
     tensorflow-datasets needs `promise`, which PyPI has as a source
     distribution only.
     """
+    unreachable = _pypi_unreachable()
+    if unreachable:
+        pytest.skip(f"PyPI is unreachable ({unreachable}); cannot resolve")
     requirements = _filtered_requirements(tmp_path, keep_tensorflow=False)
     script = remote.install_script("repo")
     (install,) = [
@@ -176,6 +181,89 @@ def test_tpu_install_resolves_on_python_3_10_from_pypi(tmp_path):
     assert "tensorflow" not in resolved and "tensorflow-cpu" not in resolved
     for name, version in _pinned(requirements).items():
         assert resolved[name.lower().replace("_", "-")] == version, name
+
+
+def _setup_requirements() -> dict[str, list[str]]:
+    """install_requires and each extra, read from setup.py's setup() call."""
+    with open(os.path.join(REPOSITORY, "setup.py")) as file:
+        tree = ast.parse(file.read())
+    (call,) = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "attr", "") == "setup"
+    ]
+    keywords = {k.arg: k.value for k in call.keywords}
+    extras = ast.literal_eval(keywords["extras_require"])
+    return {"": ast.literal_eval(keywords["install_requires"]), **extras}
+
+
+def _pypi_unreachable() -> str:
+    """Why PyPI cannot be reached from here, "" when it can."""
+    try:
+        urllib.request.urlopen(
+            "https://pypi.org/simple/tensorflow-tpu/", timeout=15
+        ).close()
+    except OSError as error:
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
+def _resolve_for_python_3_10(tmp_path, requirements: list[str], *options):
+    """pip's dry-run resolution for Python 3.10 wheels: {name: version}."""
+    report = tmp_path / "report.json"
+    finished = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet",
+         "--ignore-installed", "--target", str(tmp_path / "target"),
+         "--python-version", "3.10", "--only-binary=:all:",
+         "--report", str(report), *options, *requirements],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    with open(report) as file:
+        items = json.load(file)["install"]
+    return {
+        item["metadata"]["name"].lower().replace("_", "-"): item["metadata"][
+            "version"
+        ]
+        for item in items
+    }
+
+
+def test_tpu_extra_resolves_to_python_3_10_wheels_from_any_python(tmp_path):
+    """`pip install --dry-run --python-version 3.10 --only-binary=:all:`
+    resolves the TPU workers' install from this Python, in `make test`.
+
+    The `[tpu]` extra and install_requires come from setup.py, the pins
+    from the install script's filtered requirements-compat.txt. Only
+    tensorflow-datasets is resolved apart (--no-deps): it depends on
+    `promise`, which PyPI has as a source distribution only, and
+    --python-version admits wheels only; .ci/compat resolves the whole
+    chain on Python 3.10 (test_tpu_install_resolves_on_python_3_10_from_pypi).
+    """
+    unreachable = _pypi_unreachable()
+    if unreachable:
+        pytest.skip(f"PyPI is unreachable ({unreachable}); cannot resolve")
+    pins = _pinned(_filtered_requirements(tmp_path, keep_tensorflow=False))
+    setup = _setup_requirements()
+    assert setup["tpu"] == ["tensorflow-tpu>=2.20,<2.21"]
+    wheels_only = [
+        r
+        for r in setup[""] + setup["tpu"]
+        + [f"{name}=={version}" for name, version in pins.items()]
+        if not r.startswith("tensorflow-datasets")
+    ]  # fmt: skip
+    resolved = _resolve_for_python_3_10(tmp_path, wheels_only)
+    assert resolved["tensorflow-tpu"].startswith("2.20.")
+    assert "libtpu" in resolved
+    # The TPU build is the only TensorFlow: no CPU or GPU wheel beside it.
+    assert "tensorflow" not in resolved and "tensorflow-cpu" not in resolved
+    for name, version in pins.items():
+        if name != "tensorflow-datasets":
+            assert resolved[name.lower().replace("_", "-")] == version, name
+    datasets = f"tensorflow-datasets=={pins['tensorflow-datasets']}"
+    alone = _resolve_for_python_3_10(tmp_path, [datasets], "--no-deps")
+    assert alone == {"tensorflow-datasets": pins["tensorflow-datasets"]}
 
 
 def test_launch_command_runs_once_on_worker_zero():
