@@ -51,6 +51,32 @@ def test_cli_rejects_unknown_flag():
     assert "learnig_rate" in finished.stderr
 
 
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [
+        ("mirrored", "simclr_tf: --strategy=mirrored needs GPUs"),
+        ("tpu", "simclr_tf: --strategy=tpu but no TPU was found"),
+    ],
+)
+def test_explicit_strategy_without_its_devices_is_one_line(
+    tmp_path, strategy, message
+):
+    """This machine has neither a GPU TensorFlow can use nor a TPU."""
+    run = tmp_path / "run"
+    finished = _run_cli(
+        f"--model_dir={run}", f"--strategy={strategy}", "--dataset=synthetic"
+    )
+    assert finished.returncode == 1
+    (line,) = [
+        line for line in finished.stderr.splitlines() if "simclr_tf:" in line
+    ]
+    assert line.startswith(message), finished.stderr
+    assert "--strategy=auto" in line
+    assert "Traceback" not in finished.stderr
+    # The strategy is made before anything is written.
+    assert not run.exists()
+
+
 @pytest.mark.compat
 def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
     config = validation.validate(

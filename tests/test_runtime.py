@@ -63,10 +63,15 @@ def test_auto_strategy_is_mirrored_over_gpus(monkeypatch):
     )
 
 
-def test_gpu_tensorflow_cannot_see_is_one_warning_naming_the_fix(caplog):
+@pytest.mark.parametrize("strategy", ["auto", "default"])
+def test_gpu_tensorflow_cannot_see_is_one_warning_naming_the_fix(
+    monkeypatch, caplog, strategy
+):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
     hidden = _hardware(nvidia_driver="/dev/nvidia0")
     with caplog.at_level(logging.INFO):
-        runtime.make_strategy(_runtime(strategy="default"), hidden)
+        made = runtime.make_strategy(_runtime(strategy=strategy), hidden)
+    assert made is tf.distribute.get_strategy()  # trains on the CPU
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     message = warnings[0].getMessage()
