@@ -82,11 +82,13 @@ def test_create_picks_the_image_of_the_generation(accelerator_type, image):
 
 @pytest.mark.parametrize(
     "accelerator_type, hosts",
-    # Hosts from the Cloud TPU docs: 8 cores (v2-v4, v5p) or 8 chips
-    # (v5litepod) per host.
+    # VMs from the Cloud TPU docs: 8 TensorCores per VM on v2-v4 and v5p;
+    # v5e and v6e up to 8 chips on one VM, larger slices of 4-chip VMs
+    # (v6e's table: v6e-16 4 VMs, v6e-256 64).
     [("v3-8", 1), ("v3-128", 16), ("v4-8", 1), ("v4-32", 4),
-     ("v5litepod-4", 1), ("v5litepod-16", 2), ("v6e-4", 1), ("v6e-8", 1),
-     ("v6e-16", 2), ("v6e-256", 32)],
+     ("v5p-8", 1), ("v5p-16", 2), ("v5litepod-4", 1), ("v5litepod-8", 1),
+     ("v5litepod-16", 4), ("v5litepod-256", 64), ("v6e-4", 1), ("v6e-8", 1),
+     ("v6e-16", 4), ("v6e-256", 64)],
 )  # fmt: skip
 def test_num_hosts_matches_documented_topologies(accelerator_type, hosts):
     assert gcloud.num_hosts(accelerator_type) == hosts
@@ -466,7 +468,10 @@ def test_server_script_fails_naming_the_log_when_nothing_listens(tmp_path):
     assert "see ~/simclr_tf_logs/tpu_server.log" in finished.stderr
 
 
-@pytest.mark.parametrize("accelerator_type, hosts", [("v4-8", 1), ("v4-32", 4)])
+@pytest.mark.parametrize(
+    "accelerator_type, hosts",
+    [("v4-8", 1), ("v4-32", 4), ("v6e-8", 1), ("v6e-16", 4)],
+)
 def test_launch_starts_servers_on_every_worker_of_a_pod_first(
     tmp_path, accelerator_type, hosts
 ):
@@ -482,3 +487,7 @@ def test_launch_starts_servers_on_every_worker_of_a_pod_first(
     else:
         assert workers == ["--worker=all", "--worker=0"]
         assert _command_value(commands[0]) == remote.server_script()
+    training = _command_value(commands[-1])
+    assert ("TPU_LOAD_LIBRARY=0" in training) == (hosts > 1)
+    name = "local" if hosts == 1 else "my-pod"
+    assert f"--tpu_name={name}" in training

@@ -42,6 +42,10 @@ GENERATIONS = tuple(RUNTIME_IMAGES)
 # What the count in an accelerator type counts, 8 of them per host:
 # TensorCores on v2/v3/v4/v5p, chips on v5litepod and v6e.
 CORES_PER_HOST = 8
+# v5e and v6e slices of more than 8 chips are made of 4-chip VMs (Cloud TPU
+# docs, v5e "VM types" and v6e "Supported configurations": v6e-16 is 4 VMs,
+# v6e-256 64); one VM holds up to 8 (v5litepod-8, v6e-8).
+CHIPS_PER_POD_VM = {"v5litepod": 4, "v6e": 4}
 _ACCELERATOR = re.compile(rf"^({'|'.join(GENERATIONS)})-([1-9][0-9]*)$")
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
@@ -103,9 +107,12 @@ def parse_accelerator_type(accelerator_type: str) -> tuple[str, int]:
 
 
 def num_hosts(accelerator_type: str) -> int:
-    """Number of TPU VM workers (hosts) of a slice: v3-8 1, v3-128 16."""
-    _, count = parse_accelerator_type(accelerator_type)
-    return max(1, count // CORES_PER_HOST)
+    """Number of TPU VMs (gcloud's workers) of a slice: v3-8 1, v3-128 16,
+    v4-32 4, v5litepod-8 1, v5litepod-16 4, v6e-256 64."""
+    generation, count = parse_accelerator_type(accelerator_type)
+    if count <= CORES_PER_HOST:
+        return 1
+    return count // CHIPS_PER_POD_VM.get(generation, CORES_PER_HOST)
 
 
 def default_version(accelerator_type: str) -> str:
