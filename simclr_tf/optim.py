@@ -193,12 +193,33 @@ class WarmUpAndCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.base_learning_rate = float(base_learning_rate)
         self.warmup_steps = int(warmup_steps)
         self.total_steps = int(total_steps)
+        # A variable, so that a traced step sees set_total_steps's change.
+        self._decay_steps = tf.Variable(
+            float(self.total_steps - self.warmup_steps),
+            trainable=False,
+            dtype=tf.float32,
+            name="cosine_decay_steps",
+        )
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Moves the end of the cosine decay to `total_steps` (> warm-up).
+
+        Steps already taken keep the rates they had as long as they were
+        in the warm-up, which does not depend on the total.
+        """
+        if total_steps <= self.warmup_steps:
+            raise ValueError(
+                f"total_steps={total_steps!r} must exceed the "
+                f"{self.warmup_steps} warm-up steps."
+            )
+        self.total_steps = int(total_steps)
+        self._decay_steps.assign(float(total_steps - self.warmup_steps))
 
     def __call__(self, step: int | tf.Tensor) -> tf.Tensor:
         step = ops.cast(step, "float32")
         base = self.base_learning_rate
         warmup = float(self.warmup_steps)
-        decay_steps = float(self.total_steps - self.warmup_steps)
+        decay_steps = ops.cast(self._decay_steps, "float32")
         warmup_rate = base * step / max(warmup, 1.0)
         progress = ops.clip((step - warmup) / decay_steps, 0.0, 1.0)
         cosine_rate = base * 0.5 * (1.0 + ops.cos(math.pi * progress))

@@ -15,7 +15,7 @@ from simclr_tf import cli
 from simclr_tf.config import schema as config_lib
 from simclr_tf.config import validation
 from simclr_tf.data import run_data
-from simclr_tf.data.sources import synthetic
+from simclr_tf.data.sources import fashion_mnist, synthetic
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,6 +171,53 @@ def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
     assert report["accuracy"] == written["eval/top_1"]
     assert os.path.isfile(
         tmp_path / "reports" / "projector" / "projector_config.pbtxt"
+    )
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(fashion_mnist.FASHION_MNIST_SYSTEM_DIR),
+    reason="Fashion-MNIST files absent: `make data` installs them",
+)
+def test_short_pretraining_beats_the_random_init_encoder(tmp_path):
+    # 30 steps of 64 Fashion-MNIST images against the same architecture
+    # at random initialisation (BN statistics recalibrated on training
+    # images), both linear-evaluated on the same 1000 + 1000 images. One
+    # standard error of an accuracy difference at n = 1000 is ~2 points:
+    # 10 points of linear top-1 and 5 of kNN top-1 are not chance.
+    config = validation.validate(
+        config_lib.from_dict(
+            {
+                "model_dir": str(tmp_path),
+                "mode": "train_then_eval",
+                "dataset": "fashion_mnist",
+                "train_split": "train",
+                "eval_split": "test",
+                "image_size": 28,
+                "resnet_depth": 18,
+                "width_multiplier": 0.125,
+                "proj_out_dim": 32,
+                "train_batch_size": 64,
+                "train_steps": 30,
+                "steps_per_loop": 10,
+                "warmup_epochs": 0,
+                "learning_rate": 1.0,
+                "temperature": 0.2,
+                "color_jitter_strength": 0.5,
+                "use_blur": False,
+                "linear_eval_epochs": 20,
+                "max_eval_examples": 1000,
+                "eval_reports": False,
+                "export": False,
+                "precision": "float32",
+                "seed": 0,
+            }
+        )
+    )
+    result = cli.run(config)
+    assert result["eval/num_test"] == 1000
+    assert result["eval/top_1"] >= result["eval/random_init/top_1"] + 0.10
+    assert (
+        result["eval/knn/top_1"] >= result["eval/random_init/knn/top_1"] + 0.05
     )
 
 

@@ -219,3 +219,53 @@ def test_pixel_features_flattens_images_row_major():
     np.testing.assert_array_equal(features[2], images[2].ravel())
     np.testing.assert_array_equal(features, images.reshape(7, -1))
     np.testing.assert_array_equal(got_labels, labels)
+
+
+def test_recalibrate_batch_norm_sets_population_statistics_of_each_input():
+    from simclr_tf.models import batch_norm
+
+    images_in = keras.Input((6, 6, 1))
+    conv1 = keras.layers.Conv2D(4, 3, padding="same")
+    bn1 = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3)
+    conv2 = keras.layers.Conv2D(3, 3, padding="same")
+    bn2 = batch_norm.FusedBatchNormalization(momentum=0.8, epsilon=1e-3)
+    hidden = bn2(conv2(keras.layers.ReLU()(bn1(conv1(images_in)))))
+    model = keras.Model(images_in, hidden)
+    rng = np.random.default_rng(11)
+    # Inputs far from the initial (0, 1) statistics.
+    images = (5.0 + 3.0 * rng.normal(size=(10, 6, 6, 1))).astype(np.float32)
+    kernels = [conv1.kernel.numpy(), conv2.kernel.numpy()]
+    count = extract.recalibrate_batch_norm(
+        model, _image_dataset(images, np.arange(10), 4), max_examples=9
+    )
+    assert count == 9
+    # numpy reference: batches of 4, 4 and the first image of the third;
+    # BN1 normalises each batch with that batch's own statistics.
+    first, second = [], []
+    for start, stop in ((0, 4), (4, 8), (8, 9)):
+        x1 = conv1(images[start:stop]).numpy().astype(np.float64)
+        first.append(x1)
+        mean, var = x1.mean(axis=(0, 1, 2)), x1.var(axis=(0, 1, 2))
+        normalised = (x1 - mean) / np.sqrt(var + 1e-3)
+        normalised = normalised * bn1.gamma.numpy() + bn1.beta.numpy()
+        second.append(
+            conv2(np.maximum(normalised, 0).astype(np.float32)).numpy()
+        )
+    for layer, inputs in ((bn1, first), (bn2, second)):
+        pooled = np.concatenate(inputs).astype(np.float64)
+        np.testing.assert_allclose(
+            layer.moving_mean.numpy(),
+            pooled.mean(axis=(0, 1, 2)),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+        np.testing.assert_allclose(
+            layer.moving_variance.numpy(),
+            pooled.var(axis=(0, 1, 2)),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    # Nothing else moves, and the layers keep their momentum.
+    np.testing.assert_array_equal(conv1.kernel.numpy(), kernels[0])
+    np.testing.assert_array_equal(conv2.kernel.numpy(), kernels[1])
+    assert (bn1.momentum, bn2.momentum) == (0.9, 0.8)

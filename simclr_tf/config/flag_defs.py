@@ -159,6 +159,13 @@ def define_extension_flags() -> None:
         100,
         "Steps per tf.function call; one console line per loop.",
     )
+    d.DEFINE_float(
+        "time_budget_minutes",
+        0.0,
+        "Wall-time budget of the training loop; the schedule is cut to the "
+        "steps that fit at the step time measured in the first loop (one "
+        "host). 0: train the full --train_steps / --train_epochs.",
+    )
     d.DEFINE_integer("seed", None, "Seed for weights, data and views.")
     d.DEFINE_enum(
         "brightness_impl",

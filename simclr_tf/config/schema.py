@@ -92,6 +92,7 @@ class Train:
     train_epochs: int = 100
     train_steps: int = 0
     steps_per_loop: int = 100
+    time_budget_minutes: float = 0.0
     checkpoint_epochs: int = 1
     checkpoint_steps: int = 0
     keep_checkpoint_max: int = 5

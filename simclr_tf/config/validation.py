@@ -203,6 +203,11 @@ def _check_counts(config: schema.Config) -> list[str]:
             "--train_steps=0 and --train_epochs=0 give no training; set "
             "one of them, e.g. --train_epochs=100."
         )
+    if train.time_budget_minutes < 0:
+        problems.append(
+            f"--time_budget_minutes={train.time_budget_minutes} must be >= 0 "
+            "(0: no budget)."
+        )
     if train.train_batch_size == 1:
         problems.append(
             "--train_batch_size=1 leaves no negatives for NT-Xent; use at "

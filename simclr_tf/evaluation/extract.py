@@ -1,5 +1,6 @@
 """Features of a batched dataset for the evaluations: a frozen encoder's
-outputs (BN in inference mode), or the raw pixels of the baseline.
+outputs (BN in inference mode), or the raw pixels of the baseline; and the
+BN recalibration that makes a randomly initialised encoder a fair baseline.
 """
 
 from __future__ import annotations
@@ -117,3 +118,75 @@ def pixel_features(
         return images.reshape(images.shape[0], -1)
 
     return _collect(dataset, to_features)
+
+
+def recalibrate_batch_norm(
+    model: keras.Model,
+    dataset: Iterable[Mapping[str, Any]],
+    max_examples: int,
+) -> int:
+    """Sets every BN layer's moving statistics to its inputs' population ones.
+
+    Runs the model in training mode (each BN normalises with its batch's
+    statistics, as during pretraining) over the first `max_examples` images
+    of `dataset`, and sets each layer's moving mean and variance to the
+    mean and (biased) variance of everything the layer saw: the per-batch
+    means and variances pooled exactly, weighted by batch size. Only the
+    moving statistics change; no other weight is touched. A model fresh
+    from its initialiser otherwise evaluates with moving statistics of 0
+    and 1, which says nothing about its architecture.
+
+    Args:
+      model: a Keras model whose BatchNormalization layers are recalibrated.
+      dataset: batches {"image": [b, H, W, C] float32 in [0, 1], ...}.
+      max_examples: images used (the last batch is cut to fit).
+
+    Returns:
+      The number of images the statistics were computed on.
+
+    Raises:
+      ValueError: if the dataset yields no image.
+    """
+    layers = [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    momenta = [layer.momentum for layer in layers]
+    # Momentum 0: after a batch each moving statistic is that batch's own.
+    for layer in layers:
+        layer.momentum = 0.0
+    forward = tf.function(
+        lambda images: model(images, training=True), reduce_retracing=True
+    )
+    sums = [(0.0, 0.0) for _ in layers]
+    seen = 0
+    try:
+        for batch in dataset:
+            images, _ = _check_batch(batch)
+            images = images[: max_examples - seen]
+            count = int(images.shape[0])
+            forward(images)
+            for index, layer in enumerate(layers):
+                mean = np.asarray(layer.moving_mean, np.float64)
+                variance = np.asarray(layer.moving_variance, np.float64)
+                total_mean, total_square = sums[index]
+                sums[index] = (
+                    total_mean + count * mean,
+                    total_square + count * (variance + mean**2),
+                )
+            seen += count
+            if seen >= max_examples:
+                break
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+    if not seen:
+        raise ValueError("dataset is empty; it must yield at least one batch.")
+    for layer, (total_mean, total_square) in zip(layers, sums, strict=True):
+        mean = total_mean / seen
+        layer.moving_mean.assign(mean.astype(np.float32))
+        layer.moving_variance.assign(
+            np.maximum(total_square / seen - mean**2, 0.0).astype(np.float32)
+        )
+    return seen

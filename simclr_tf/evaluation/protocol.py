@@ -50,7 +50,9 @@ def run_linear_eval(
     test_data = run_data.eval_input(config, test_source, eval_split=True)
     num_classes = state.num_classes
     result: dict[str, object] = {"eval/split": test_source.split}
-    for prefix, featurize in _representations(config, state).items():
+    for prefix, featurize in _representations(
+        config, state, train_data
+    ).items():
         train_features, train_labels = featurize(train_data)
         test_features, test_labels = featurize(test_data)
         classifier = linear.train_linear_classifier(
@@ -103,14 +105,16 @@ def run_linear_eval(
 
 
 def _representations(
-    config: config_lib.Config, state: train_state.TrainState
+    config: config_lib.Config,
+    state: train_state.TrainState,
+    train_data: tf.data.Dataset,
 ) -> dict[str, Callable[[tf.data.Dataset], tuple]]:
     """Featurizers by metric prefix: the encoder, then the baselines."""
     representations: dict[str, Callable[[tf.data.Dataset], tuple]] = {
         "": lambda data: extract.extract_features(state.model, data),
     }
     if config.eval.eval_baselines:
-        random_model = _random_init_model(config, state)
+        random_model = _random_init_model(config, state, train_data)
         representations["random_init/"] = lambda data: extract.extract_features(
             random_model, data
         )
@@ -182,10 +186,17 @@ def write_run_reports(
     return paths
 
 
+# Training images the random-init baseline's BN statistics are computed on.
+RANDOM_INIT_CALIBRATION_IMAGES = 10_000
+
+
 def _random_init_model(
-    config: config_lib.Config, state: train_state.TrainState
+    config: config_lib.Config,
+    state: train_state.TrainState,
+    train_data: tf.data.Dataset,
 ) -> keras.Model:
-    """The same architecture, freshly initialised (seeded when --seed is)."""
+    """The same architecture, freshly initialised (seeded when --seed is),
+    its BN statistics recalibrated on training images."""
     if config.train.seed is not None:
         keras.utils.set_random_seed(config.train.seed + 1)
     with state.strategy.scope():
@@ -193,6 +204,14 @@ def _random_init_model(
             config, state.num_classes, state.image_shape[-1]
         )
         model(tf.zeros((1, *state.image_shape)))
+    count = extract.recalibrate_batch_norm(
+        model, train_data, RANDOM_INIT_CALIBRATION_IMAGES
+    )
+    logging.info(
+        "random-init baseline: BN statistics recalibrated on %d training "
+        "images",
+        count,
+    )
     return model
 
 

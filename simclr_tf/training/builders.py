@@ -48,18 +48,29 @@ def build_model(
     )
 
 
-def build_optimizer(
+def build_learning_rate(
     config: config_lib.Config, schedule: schedule_lib.Schedule
-) -> keras.optimizers.Optimizer:
-    """Optimizer with the scaled, warmed-up cosine learning rate."""
+) -> optim.WarmUpAndCosineDecay:
+    """The scaled, warmed-up cosine learning rate of the schedule."""
     base = optim.scaled_learning_rate(
         config.optim.learning_rate,
         config.train.train_batch_size,
         config.optim.learning_rate_scaling,
     )
-    learning_rate = optim.WarmUpAndCosineDecay(
+    return optim.WarmUpAndCosineDecay(
         base, schedule.warmup_steps, schedule.total_steps
     )
+
+
+def build_optimizer(
+    config: config_lib.Config,
+    schedule: schedule_lib.Schedule,
+    learning_rate: optim.WarmUpAndCosineDecay | None = None,
+) -> keras.optimizers.Optimizer:
+    """Optimizer with the scaled, warmed-up cosine learning rate (made from
+    the schedule unless given)."""
+    if learning_rate is None:
+        learning_rate = build_learning_rate(config, schedule)
     optimizer = optim.build_optimizer(
         config.optim.optimizer,
         learning_rate,

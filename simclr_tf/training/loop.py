@@ -24,6 +24,7 @@ from simclr_tf import runtime
 from simclr_tf.config import schema as config_lib
 from simclr_tf.data import run_data
 from simclr_tf.data.sources import base as source_lib
+from simclr_tf.training import budget as budget_lib
 from simclr_tf.training import modes, progress, train_state, train_step
 from simclr_tf.training import schedule as schedule_lib
 
@@ -85,6 +86,14 @@ def run_training(
     if not pretrain:
         train_state.check_labelled(config, source)
         train_source = run_data.labelled_train_source(config, source)
+    if config.train.time_budget_minutes > 0 and isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ):
+        raise ValueError(
+            "--time_budget_minutes times one host's steps; with several "
+            "workers set the length with --train_steps or --train_epochs "
+            "instead."
+        )
     state = train_state.build_state(config, strategy, train_source)
     chief = runtime.is_chief(strategy)
     if chief:
@@ -161,12 +170,25 @@ def _loop(
       mean over all loops but the first (which includes compiling),
       "preempted": whether SIGTERM stopped the run (after a checkpoint)}.
     """
-    schedule = state.schedule
     batch = config.train.train_batch_size
     step = int(state.step.numpy())
     metrics: dict[str, float] = {}
     timed_images, timed_seconds, first = 0, 0.0, True
     preempted = False
+    budget_seconds = config.train.time_budget_minutes * 60.0
+    decision = budget_lib.load(config.model_dir) if budget_seconds else None
+    if decision is not None:
+        _apply_budget(state, decision, "decided when this run started")
+    schedule = state.schedule
+    if budget_seconds and decision is None:
+        logging.info(
+            "time budget %.1f min: after its first step (tracing and "
+            "compiling), the run times the next loop and cuts its %d steps "
+            "to the ones that fit",
+            budget_seconds / 60,
+            schedule.total_steps,
+        )
+    loop_started = time.time()
     for hook in hooks:
         if hook.at_start:
             hook.run(step, writer)
@@ -174,6 +196,9 @@ def _loop(
         steps = schedule_lib.steps_until_boundary(
             step, schedule, *(hook.every for hook in hooks)
         )
+        measuring = budget_seconds > 0 and decision is None
+        if measuring and first:
+            steps = 1  # tracing and compiling, timed apart from the steps
         started = time.time()
         metrics = train_loop(iterator, tf.constant(steps))
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -193,6 +218,19 @@ def _loop(
             seconds=seconds,
             first=first,
         )
+        if measuring and not first:
+            decision = budget_lib.decide(
+                step=step,
+                elapsed_seconds=time.time() - loop_started,
+                step_seconds=seconds / steps,
+                budget_seconds=budget_seconds,
+                configured_steps=schedule.total_steps,
+                warmup_steps=schedule.warmup_steps,
+            )
+            if runtime.is_chief(state.strategy):
+                budget_lib.save(config.model_dir, decision)
+            _apply_budget(state, decision, f"measured over {steps} steps")
+            schedule = state.schedule
         first = False
         for hook in hooks:
             if hook.every > 0 and schedule_lib.is_due(
@@ -221,6 +259,20 @@ def _loop(
         "images_per_second": timed_images / max(timed_seconds, 1e-9),
         "preempted": preempted,
     }
+
+
+def _apply_budget(
+    state: train_state.TrainState, decision: budget_lib.Decision, why: str
+) -> None:
+    """Ends the schedule and the learning-rate decay at the decided step."""
+    state.schedule = dataclasses.replace(
+        state.schedule, total_steps=decision.total_steps
+    )
+    if state.learning_rate is not None:
+        state.learning_rate.set_total_steps(decision.total_steps)
+    logging.info(
+        "%s (%s)", decision.describe(state.schedule.steps_per_epoch), why
+    )
 
 
 def _report(

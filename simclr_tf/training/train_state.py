@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from simclr_tf import runtime
+from simclr_tf import optim, runtime
 from simclr_tf.config import protocols
 from simclr_tf.config import schema as config_lib
 from simclr_tf.data import run_data
@@ -41,6 +41,8 @@ class TrainState:
     schedule: schedule_lib.Schedule
     num_classes: int
     image_shape: tuple[int, int, int]
+    # The optimizer's schedule: --time_budget_minutes moves its end.
+    learning_rate: optim.WarmUpAndCosineDecay | None = None
 
 
 def setup_run(config: config_lib.Config) -> tf.distribute.Strategy:
@@ -130,7 +132,8 @@ def build_state(
                 config.train.fine_tune_after_block,
             )
             logging.info("frozen (inference-mode BN): %s", frozen or "none")
-        optimizer = builders.build_optimizer(config, schedule)
+        learning_rate = builders.build_learning_rate(config, schedule)
+        optimizer = builders.build_optimizer(config, schedule, learning_rate)
         optimizer.build(model.trainable_variables)
         # Steps taken, which is what the input's position follows; the
         # optimizer's iterations lag it when mixed_float16 skips updates.
@@ -154,6 +157,7 @@ def build_state(
         step=step,
         manager=manager,
         schedule=schedule,
+        learning_rate=learning_rate,
         num_classes=source.num_classes,
         image_shape=(size, size, source.image_shape[-1]),
     )
