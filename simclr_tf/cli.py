@@ -23,6 +23,8 @@ from simclr_tf.config import loading as config_loading
 from simclr_tf.config import schema as config_lib
 
 if TYPE_CHECKING:
+    import tensorflow as tf
+
     from simclr_tf.data.sources import base as source_lib
     from simclr_tf.training import train_state
 
@@ -79,9 +81,10 @@ def run(config: config_lib.Config) -> dict[str, object]:
 
     mode = config.train.mode
     started = time.time()
-    # Before anything starts TensorFlow's devices (opening a folder source
-    # decodes its images), or the CPU can no longer be split.
-    runtime.configure_virtual_cpus(config.runtime.num_virtual_cpus)
+    # The strategy comes before anything starts TensorFlow (opening a folder
+    # source decodes its images): the CPU can only be split into virtual
+    # devices, and a multi-worker cluster only configured, before that.
+    strategy = None if mode == "preview" else train_state.setup_run(config)
     file_io.makedirs(config.model_dir)
     source = run_data.open_train_source(config)
     if mode == "preview":
@@ -96,19 +99,19 @@ def run(config: config_lib.Config) -> dict[str, object]:
             f"sub-folders."
         )
     if mode == "plan":
-        return _plan(config, source)
+        return _plan(config, source, strategy)
     base = {"config": config.to_dict(), "versions": _versions()}
     if mode == "eval":
-        result = run_eval.run_eval_loop(config, source, base)
+        result = run_eval.run_eval_loop(config, source, base, strategy)
         result.pop("state")
         _print_table(result)
         return result
     if mode in ("train", "train_then_eval"):
         summary = loop.run_training(
-            config, source, hooks=monitor.training_hooks(config)
+            config, source, monitor.training_hooks(config), strategy
         )
     else:
-        summary = train_state.restore_for_eval(config, source)
+        summary = train_state.restore_for_eval(config, source, strategy)
     state = summary["state"]
     if summary.get("preempted"):
         return {
@@ -141,7 +144,9 @@ def run(config: config_lib.Config) -> dict[str, object]:
 
 
 def _plan(
-    config: config_lib.Config, source: source_lib.Source
+    config: config_lib.Config,
+    source: source_lib.Source,
+    strategy: tf.distribute.Strategy,
 ) -> dict[str, object]:
     """--mode=plan: prints the memory plan of the run these flags describe
     on this machine's strategy, and refuses one that cannot fit."""
@@ -149,7 +154,6 @@ def _plan(
     from simclr_tf.planning import memory, run_plan
     from simclr_tf.training import train_state
 
-    strategy = train_state.setup_run(config)
     train_source = source
     if config.train.train_mode != "pretrain":
         train_state.check_labelled(config, source)
