@@ -6,7 +6,7 @@ compute-dtype copies of the kernels (mixed precision), the activations the
 backward pass keeps (network.py) for the per-replica batch (2n views when
 pretraining), the input batch and NT-Xent over the gathered batch. Per
 host: the input pipeline's buffers, the evaluation's results and reports
-(evaluation_plan.py), and the TensorFlow runtime itself. Also the bytes the
+(eval_memory.py), and the TensorFlow runtime itself. Also the bytes the
 gather of the projections moves per replica and step. Estimates: see
 docs/memory.md for how they compare with TensorFlow's allocator.
 """
