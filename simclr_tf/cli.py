@@ -2,10 +2,10 @@
 
 train: --train_mode (pretrain, finetune, lineareval, distill), resuming
 from --model_dir. eval: evaluates model_dir's latest checkpoint and each new
-one as it appears (result_<step>.json). train_then_eval: train, evaluate,
-export, result.json and a summary table. export: a SavedModel of the latest
-checkpoint. preview: <model_dir>/augmentations.png of the training views.
-plan: the memory plan of the run, refused when it cannot fit.
+one as it appears (result_<step>.json). train_then_eval: train, export,
+evaluate, result.json and a summary table. export: a SavedModel of the
+latest checkpoint. preview: <model_dir>/augmentations.png of the training
+views. plan: the memory plan of the run, refused when it cannot fit.
 """
 
 from __future__ import annotations
@@ -130,10 +130,13 @@ def run(config: config_lib.Config) -> dict[str, object]:
         result.update(summary["plan"].summary())
     chief = runtime.is_chief(state.strategy)
     result.update(run_data.skipped_files(summary["source"]))
-    if mode == "train_then_eval":
-        result.update(run_eval.evaluate_state(config, state, source))
     if mode in ("export", "train_then_eval"):
+        # Before the evaluation: a failed evaluation never loses the model.
         result.update(_export(config, state, result["step"], chief))
+    if mode == "train_then_eval":
+        if chief:  # the trained run's result, if the evaluation fails
+            file_io.write_result(config.model_dir, result)
+        result.update(run_eval.evaluate_state(config, state, source))
     result["wall_seconds"] = time.time() - started
     result["host/peak_rss_bytes"] = _peak_rss_bytes()
     if chief and mode != "export":
