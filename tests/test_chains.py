@@ -99,6 +99,7 @@ def _run_chain(chain: list[str], root) -> list[dict]:
     return results, finished.stderr
 
 
+@pytest.mark.slow  # 2-5 min a chain on 2 shared CPU cores
 @pytest.mark.parametrize("chain", CHAINS, ids=lambda c: "->".join(c))
 def test_chain_runs_end_to_end_on_mock_data(chain, tmp_path):
     results, log = _run_chain(chain, tmp_path)
