@@ -2,9 +2,10 @@
 
 train: --train_mode (pretrain, finetune, lineareval, distill), resuming
 from --model_dir. eval: evaluates model_dir's latest checkpoint and each new
-one as it appears (result_<step>.json). train_then_eval: train, evaluate,
-export, result.json and a summary table. export: a SavedModel of the latest
-checkpoint. preview: <model_dir>/augmentations.png of the training views.
+one as it appears (result_<step>.json). train_then_eval: train, export,
+evaluate, result.json and a summary table. export: a SavedModel of the
+latest checkpoint. preview: <model_dir>/augmentations.png of the training
+views. plan: the memory plan of the run, refused when it cannot fit.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from simclr_tf.config import loading as config_loading
 from simclr_tf.config import schema as config_lib
 
 if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from simclr_tf.data.sources import base as source_lib
     from simclr_tf.training import train_state
 
 flag_defs.define_flags()
@@ -94,6 +98,8 @@ def run(config: config_lib.Config) -> dict[str, object]:
             f"evaluate; use --mode=train, or put the images in class "
             f"sub-folders."
         )
+    if mode == "plan":
+        return _plan(config, source, strategy)
     base = {"config": config.to_dict(), "versions": _versions()}
     if mode == "eval":
         result = run_eval.run_eval_loop(config, source, base, strategy)
@@ -120,18 +126,55 @@ def run(config: config_lib.Config) -> dict[str, object]:
         result.update({f"train/{k}": v for k, v in summary["metrics"].items()})
         result["train/images_per_second"] = summary["images_per_second"]
         result["train/seconds"] = summary["train_seconds"]
+    if "plan" in summary:
+        result.update(summary["plan"].summary())
     chief = runtime.is_chief(state.strategy)
     result.update(run_data.skipped_files(summary["source"]))
-    if mode == "train_then_eval":
-        result.update(run_eval.evaluate_state(config, state, source))
     if mode in ("export", "train_then_eval"):
+        # Before the evaluation: a failed evaluation never loses the model.
         result.update(_export(config, state, result["step"], chief))
+    if mode == "train_then_eval":
+        if chief:  # the trained run's result, if the evaluation fails
+            file_io.write_result(config.model_dir, result)
+        result.update(run_eval.evaluate_state(config, state, source))
     result["wall_seconds"] = time.time() - started
+    result["host/peak_rss_bytes"] = _peak_rss_bytes()
     if chief and mode != "export":
         path = file_io.write_result(config.model_dir, result)
         logging.info("wrote %s", path)
         _print_table(result)
     return result
+
+
+def _plan(
+    config: config_lib.Config,
+    source: source_lib.Source,
+    strategy: tf.distribute.Strategy,
+) -> dict[str, object]:
+    """--mode=plan: prints the memory plan of the run these flags describe
+    on this machine's strategy, and refuses one that cannot fit."""
+    from simclr_tf.data import run_data
+    from simclr_tf.planning import memory, run_plan
+    from simclr_tf.training import train_state
+
+    train_source = source
+    if config.train.train_mode != "pretrain":
+        train_state.check_labelled(config, source)
+        train_source = run_data.labelled_train_source(config, source)
+    eval_source = None
+    if train_source.num_classes:
+        eval_source = run_data.open_split(config, config.data.eval_split)
+    plan = run_plan.make_plan(config, strategy, train_source, eval_source)
+    print("\n".join(plan.lines), flush=True)
+    memory.check(plan.memory, config)
+    return {"plan_lines": list(plan.lines), **plan.summary()}
+
+
+def _peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux: KiB in ru_maxrss)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _export(
@@ -179,11 +222,14 @@ _MODEL_ROWS = {
 def format_table(result: Mapping[str, object]) -> str:
     """The evaluation table printed at the end of train_then_eval and eval.
 
-    Top-1/top-5 (linear protocol for a pretrained encoder, the supervised
-    head otherwise), and kNN top-1 where it was computed.
+    Top-1/top-5 (for a pretrained encoder: its online head, GR's reported
+    number, and the linear protocol on frozen features; the supervised
+    head otherwise), and kNN top-1 where it was computed; then how the
+    baselines were cut or why they were refused.
     """
     train_mode = result["config"]["train"]["train_mode"]
     rows = [
+        ("online linear head", "eval/online/"),
         (_MODEL_ROWS[train_mode], "eval/"),
         ("same encoder, random init", "eval/random_init/"),
         ("raw pixels", "eval/pixels/"),
@@ -204,6 +250,10 @@ def format_table(result: Mapping[str, object]) -> str:
         if f"{prefix}knn/top_1" in result:
             line += f"{100 * result[f'{prefix}knn/top_1']:>10.2f}%"
         lines.append(line)
+    for label, prefix in rows:
+        for key in ("train_subset", "skipped"):
+            if f"{prefix}{key}" in result:
+                lines.append(f"{label}: {result[f'{prefix}{key}']}")
     return "\n".join(lines)
 
 

@@ -257,6 +257,80 @@ def _summary_tags(directory) -> set[str]:
     return tags
 
 
+def test_failed_evaluation_keeps_the_export_and_the_trained_result(
+    tmp_path, monkeypatch
+):
+    """train_then_eval exports before it evaluates: an evaluation that
+    fails (here: raises) leaves the SavedModel of the trained step and a
+    result.json of the training behind."""
+    from simclr_tf.evaluation import run_eval
+
+    def failing_evaluation(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(run_eval, "evaluate_state", failing_evaluation)
+    config = validation.validate(
+        config_lib.from_dict(
+            {
+                "model_dir": str(tmp_path),
+                "mode": "train_then_eval",
+                "dataset": "synthetic",
+                "train_split": "train",
+                "eval_split": "test",
+                "image_size": 16,
+                "resnet_depth": 18,
+                "width_multiplier": 0.125,
+                "proj_out_dim": 16,
+                "train_batch_size": 16,
+                "train_steps": 2,
+                "steps_per_loop": 2,
+                "warmup_epochs": 0,
+                "export_keras": False,
+                "precision": "float32",
+                "seed": 0,
+            }
+        )
+    )
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        cli.run(config)
+    with open(tmp_path / "result.json") as file:
+        written = json.load(file)
+    assert written["step"] == 2
+    assert written["export_path"] == str(tmp_path / "saved_model" / "2")
+    assert not [name for name in written if name.startswith("eval/")]
+    loaded = tf.saved_model.load(written["export_path"])
+    images = np.random.default_rng(0).random((2, 16, 16, 3), np.float32)
+    outputs = loaded.signatures["serving_default"](tf.constant(images))
+    assert outputs["proj_head_output"].shape == (2, 16)
+
+
+def test_plan_mode_prints_the_plan_and_refuses_what_cannot_fit(tmp_path):
+    """--mode=plan on the CPU: the plan's lines and nothing trained; with
+    a replica of 0.05 GB the same flags are refused in one line that
+    names a per-replica batch that fits."""
+    flags = (
+        f"--model_dir={tmp_path}",
+        "--mode=plan",
+        "--dataset=synthetic",
+        "--image_size=32",
+        "--resnet_depth=18",
+        "--width_multiplier=0.25",
+        "--train_batch_size=256",
+        "--train_steps=1",
+    )
+    finished = _run_cli(*flags)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "memory plan per replica (CPU" in finished.stdout
+    assert "memory plan per host" in finished.stdout
+    assert not [name for name in os.listdir(tmp_path) if "ckpt" in name]
+    refused = _run_cli(*flags, "--device_memory_gb=0.05")
+    assert refused.returncode != 0
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("simclr_tf: --train_batch_size=256 on 1 x CPU")
+    assert "use --train_batch_size=" in last
+    assert "Traceback" not in refused.stderr
+
+
 def test_preview_mode_writes_the_grid_and_trains_nothing(tmp_path):
     finished = _run_cli(
         f"--model_dir={tmp_path}",

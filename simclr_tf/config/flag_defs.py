@@ -228,6 +228,23 @@ def define_extension_flags() -> None:
         "Training examples in the kNN monitor's memory bank (0 = all).",
     )
     d.DEFINE_integer(
+        "baseline_max_train_examples",
+        100_000,
+        "The random-init and raw-pixel baselines train on at most this many "
+        "training images (the first ones; 0 = all); result.json says so.",
+    )
+    d.DEFINE_float(
+        "device_memory_gb",
+        0.0,
+        "Memory of one replica in GB for the memory plan (0 = found from "
+        "the device: TPU generation, GPU name, host RAM for CPUs).",
+    )
+    d.DEFINE_float(
+        "host_memory_gb",
+        0.0,
+        "RAM of one host in GB for the memory plan (0 = this machine's).",
+    )
+    d.DEFINE_integer(
         "max_eval_examples",
         0,
         "Cap on examples per split in offline evaluation (0 = all).",

@@ -16,7 +16,7 @@ from typing import Any
 from simclr_tf.config import protocols
 
 # The values the enumerated flags accept (flag_defs.py defines the flags).
-MODES = ("train", "eval", "train_then_eval", "export", "preview")
+MODES = ("train", "eval", "train_then_eval", "export", "preview", "plan")
 TRAIN_MODES = ("pretrain", "finetune", "lineareval", "distill")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -118,6 +118,7 @@ class Eval:
     knn_temperature: float = 0.1
     knn_every_steps: int = 0
     knn_max_train_examples: int = 10_000
+    baseline_max_train_examples: int = 100_000
     eval_reports: bool = True
     eval_timeout_secs: int = 3600
 
@@ -143,6 +144,8 @@ class Runtime:
     tpu_name: str | None = None
     tpu_zone: str | None = None
     gcp_project: str | None = None
+    device_memory_gb: float = 0.0
+    host_memory_gb: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

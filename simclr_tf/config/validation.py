@@ -216,6 +216,16 @@ def _check_counts(config: schema.Config) -> list[str]:
     if config.runtime.num_virtual_cpus < 0:
         problems.append("--num_virtual_cpus must be >= 0.")
     if (
+        config.eval.baseline_max_train_examples < 0
+        or config.runtime.device_memory_gb < 0
+        or config.runtime.host_memory_gb < 0
+    ):
+        problems.append(
+            "--baseline_max_train_examples, --device_memory_gb and "
+            "--host_memory_gb must be >= 0 (0 = all / found from the "
+            "machine)."
+        )
+    if (
         config.eval.knn_every_steps < 0
         or config.eval.knn_max_train_examples < 0
     ):

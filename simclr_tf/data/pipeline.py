@@ -325,3 +325,54 @@ def eval_dataset(
     data = source.dataset(input_context)
     data = data.map(preprocess, num_parallel_calls=AUTOTUNE)
     return data.batch(batch_size).prefetch(AUTOTUNE)
+
+
+# The label of padding rows in padded_eval_dataset: no class has it.
+PADDING_LABEL = -1
+
+
+def padded_eval_dataset(
+    source: source_lib.Source,
+    *,
+    batch_size: int,
+    image_size: int,
+    rows: int,
+    padded_rows: int,
+    input_context: tf.distribute.InputContext | None = None,
+) -> tf.data.Dataset:
+    """The first `rows` examples of this host's shard, eval-preprocessed,
+    padded to `padded_rows` and batched in full batches (static shapes, as
+    TPUs need, and the same number of steps on every host).
+
+    Args:
+      source: the split.
+      batch_size: b, images per batch (one replica's).
+      image_size: S, output side in pixels.
+      rows: examples taken from the shard, in its fixed order.
+      padded_rows: rows of the result, a multiple of batch_size >= rows;
+        rows past `rows` are zero images with label PADDING_LABEL.
+      input_context: this host's; None reads the whole split.
+
+    Returns:
+      padded_rows / b batches of {"image": [b, S, S, C] float32 in [0, 1],
+      "label": [b] int64}.
+    """
+    channels = source.image_shape[-1]
+
+    def preprocess(image: tf.Tensor, label: tf.Tensor) -> dict:
+        image = views.preprocess_for_eval(image, image_size)
+        image.set_shape([image_size, image_size, channels])
+        return {"image": image, "label": label}
+
+    data = source.dataset(input_context).take(rows)
+    data = data.map(preprocess, num_parallel_calls=AUTOTUNE)
+    padding = tf.data.Dataset.from_tensors(
+        {
+            "image": tf.zeros([image_size, image_size, channels]),
+            "label": tf.constant(PADDING_LABEL, tf.int64),
+        }
+    ).repeat()
+    # Taken after the padding: a file that broke since the source was
+    # opened (skipped by decode) cannot shorten the pass.
+    data = data.concatenate(padding).take(padded_rows)
+    return data.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
 
 import tensorflow as tf
 from absl import logging
@@ -17,8 +16,8 @@ from absl import logging
 from simclr_tf.config import schema as config_lib
 from simclr_tf.data import run_data
 from simclr_tf.data.sources import base as source_lib
-from simclr_tf.evaluation import knn
-from simclr_tf.models import simclr
+from simclr_tf.evaluation import banks, scoring
+from simclr_tf.planning import eval_memory
 from simclr_tf.reports import preview
 from simclr_tf.training import loop, train_state
 
@@ -29,16 +28,17 @@ class KnnMonitor:
 
     The memory bank is the first --knn_max_train_examples images of the
     train split, queried by the eval split (capped at --max_eval_examples),
-    both with eval preprocessing; results go to the log and to TensorBoard
-    as knn/top_1 and knn/top_5.
+    both with eval preprocessing, on the replicas under the run's strategy
+    (scoring.score_knn); results go to the log and to TensorBoard as
+    knn/top_1 and knn/top_5.
     """
 
     every: int
-    model: simclr.SimCLRModel
-    train_data: tf.data.Dataset
-    test_data: tf.data.Dataset
-    num_classes: int
-    options: Mapping[str, float | int]
+    state: train_state.TrainState
+    source: source_lib.Source
+    test: banks.Split
+    options: scoring.Options
+    train_rows: int
 
     @classmethod
     def create(
@@ -51,31 +51,50 @@ class KnnMonitor:
         every = config.eval.knn_every_steps
         if every <= 0 or source.num_classes == 0:
             return None
-        test_source = run_data.open_split(config, config.data.eval_split)
+        strategy = state.strategy
+        batch = -(-config.eval.eval_batch_size // strategy.num_replicas_in_sync)
+        test = banks.distribute_split(
+            strategy,
+            run_data.open_split(config, config.data.eval_split),
+            batch=batch,
+            image_size=config.data.image_size,
+            limit=config.eval.max_eval_examples,
+        )
         return cls(
             every=every,
-            model=state.model,
-            # The bank is capped by knn_max_train_examples in knn_eval.
-            train_data=run_data.eval_input(config, source, limit=0),
-            test_data=run_data.eval_input(config, test_source, eval_split=True),
-            num_classes=source.num_classes,
-            options={
-                "k": config.eval.knn_k,
-                "temperature": config.eval.knn_temperature,
-                "max_train_examples": config.eval.knn_max_train_examples,
-            },
+            state=state,
+            source=source,
+            test=test,
+            options=scoring.Options(
+                num_classes=source.num_classes,
+                image_size=config.data.image_size,
+                batch=batch,
+                chunk=eval_memory.KNN_TRAIN_CHUNK,
+                knn_k=config.eval.knn_k,
+                knn_temperature=config.eval.knn_temperature,
+                knn_queries=batch,
+            ),
+            train_rows=config.eval.knn_max_train_examples,
         )
 
     def __call__(
         self, step: int, writer: tf.summary.SummaryWriter | None
     ) -> dict[str, float]:
         started = time.time()
-        result = knn.knn_eval(
-            self.model,
-            self.train_data,
-            self.test_data,
-            num_classes=self.num_classes,
-            **self.options,
+        model = self.state.model
+
+        def featurize(images: tf.Tensor) -> dict[str, tf.Tensor]:
+            features = model(images, training=False)["final_avg_pool"]
+            return {"features": tf.cast(features, tf.float32)}
+
+        result = scoring.score_knn(
+            self.state.strategy,
+            featurize,
+            self.source,
+            self.test,
+            self.options,
+            train_rows=self.train_rows,
+            feature_dim=int(model.encoder.output.shape[-1]),
         )
         logging.info(
             "kNN monitor at step %d: top-1 %.4f top-5 %.4f (%d train, %d "

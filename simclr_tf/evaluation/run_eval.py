@@ -45,17 +45,17 @@ def evaluate_state(
         return protocol.run_linear_eval(config, state, source)
     started = time.time()
     test_source = run_data.open_split(config, config.data.eval_split)
-    test_data = run_data.eval_input(config, test_source, eval_split=True)
-    scores = protocol.evaluate_classifier(state.model, test_data)
-    protocol.write_run_reports(
-        config,
-        state,
-        test_data,
-        scores["labels"],
-        scores["logits"],
-        scores["features"],
-        class_names=test_source.class_names,
-    )
+    scores = protocol.evaluate_classifier(config, state, test_source)
+    if scores["features"] is not None:
+        protocol.write_run_reports(
+            config,
+            state,
+            test_source,
+            scores["labels"],
+            scores["predictions"],
+            scores["features"],
+            class_names=test_source.class_names,
+        )
     result: dict[str, object] = {"eval/split": test_source.split}
     for name in ("top_1", "top_5", "num_test"):
         result[f"eval/{name}"] = scores[name]

@@ -1,8 +1,9 @@
 """The training loop of every train mode: set up, then run, log, save.
 
 `run_training` reads top to bottom: strategy and precision, data, the
-TrainState (model and optimizer restored from model_dir or initialised),
-the input iterator positioned at the restored step, then loops of
+memory plan (logged; a run that cannot fit stops there), the TrainState
+(model and optimizer restored from model_dir or initialised), the input
+iterator positioned at the restored step, then loops of
 `steps_per_loop` steps, each followed by a console line, TensorBoard
 scalars, a finiteness check, the hooks that are due (the caller's: a kNN
 monitor, a preview) and a checkpoint when due. Training knows nothing of
@@ -24,6 +25,7 @@ from simclr_tf import runtime
 from simclr_tf.config import schema as config_lib
 from simclr_tf.data import run_data
 from simclr_tf.data.sources import base as source_lib
+from simclr_tf.planning import run_plan
 from simclr_tf.training import budget as budget_lib
 from simclr_tf.training import modes, progress, train_state, train_step
 from simclr_tf.training import schedule as schedule_lib
@@ -72,9 +74,11 @@ def run_training(
 
     Returns:
       A summary: final step, the last loop's metrics, images/s, wall time,
-      and the TrainState under "state".
+      the TrainState under "state" and the run_plan.RunPlan under "plan".
 
     Raises:
+      ValueError: the memory plan does not fit (the message names the flag
+        to change), or bad data.
       NonFiniteLossError: a loop produced a NaN/Inf loss; the last good
         checkpoint is left as it was.
     """
@@ -94,6 +98,11 @@ def run_training(
             "workers set the length with --train_steps or --train_epochs "
             "instead."
         )
+    eval_source = None
+    if config.train.mode == "train_then_eval" and train_source.num_classes:
+        eval_source = run_data.open_split(config, config.data.eval_split)
+    # Before anything is built: a run that cannot fit stops here.
+    plan = run_plan.announce(config, strategy, train_source, eval_source)
     state = train_state.build_state(config, strategy, train_source)
     chief = runtime.is_chief(strategy)
     if chief:
@@ -124,6 +133,7 @@ def run_training(
         "train_seconds": time.time() - started,
         "state": state,
         "source": source,
+        "plan": plan,
     }
 
 
