@@ -140,6 +140,7 @@ class Runtime:
     jit_compile: bool = False
     use_tpu: bool = False
     tpu_name: str | None = None
+    master: str | None = None
     tpu_zone: str | None = None
     gcp_project: str | None = None
 
