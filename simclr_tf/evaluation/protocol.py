@@ -25,6 +25,9 @@ from simclr_tf.evaluation import extract, knn, linear
 from simclr_tf.reports import evaluation as eval_reports
 from simclr_tf.training import builders, train_state
 
+# The kNN scores reported, as eval/knn/<name>.
+KNN_METRICS = ("top_1", "top_5")
+
 
 def run_linear_eval(
     config: config_lib.Config,
@@ -42,65 +45,83 @@ def run_linear_eval(
     Returns:
       Metrics named as in TensorBoard: eval/top_1, eval/top_5,
       eval/random_init/top_1, eval/pixels/top_1, ... and example counts.
+      --linear_eval_epochs=0 trains no linear classifier (kNN only, if
+      on); with --noeval_knn too, nothing is read and {} returned.
     """
+    if not (config.eval.linear_eval_epochs or config.eval.eval_knn):
+        return {}
     started = time.time()
     if train_source is None:
         train_source = run_data.open_train_source(config)
     test_source = run_data.open_split(config, config.data.eval_split)
     train_data = run_data.eval_input(config, train_source)
     test_data = run_data.eval_input(config, test_source, eval_split=True)
-    num_classes = state.num_classes
     result: dict[str, object] = {"eval/split": test_source.split}
     for prefix, featurize in _representations(config, state).items():
         train_features, train_labels = featurize(train_data)
         test_features, test_labels = featurize(test_data)
-        classifier = linear.train_linear_classifier(
-            train_features,
-            train_labels,
-            num_classes,
-            epochs=config.eval.linear_eval_epochs,
-            seed=config.train.seed or 0,
-        )
-        metrics = {
-            **linear.evaluate_linear(classifier, test_features, test_labels),
-            "num_train": len(train_labels),
-            "num_test": len(test_labels),
-        }
-        if not prefix:
+        features = (train_features, train_labels, test_features, test_labels)
+        metrics = _linear_metrics(config, state.num_classes, *features)
+        if config.eval.eval_knn:
+            neighbours = knn.knn_accuracy(
+                *features,
+                num_classes=state.num_classes,
+                k=config.eval.knn_k,
+                temperature=config.eval.knn_temperature,
+            )
+            metrics.update({f"knn/{k}": neighbours[k] for k in KNN_METRICS})
+        if not prefix and "logits" in metrics:
             write_run_reports(
                 config,
                 state,
                 test_data,
                 test_labels,
-                classifier.predict_logits(test_features),
+                metrics["logits"],
                 test_features,
                 class_names=test_source.class_names,
             )
-        for name, value in metrics.items():
-            result[f"eval/{prefix}{name}"] = value
-        if config.eval.eval_knn:
-            neighbours = knn.knn_accuracy(
-                train_features,
-                train_labels,
-                test_features,
-                test_labels,
-                num_classes=num_classes,
-                k=config.eval.knn_k,
-                temperature=config.eval.knn_temperature,
-            )
-            for name in ("top_1", "top_5"):
-                result[f"eval/{prefix}knn/{name}"] = neighbours[name]
+        metrics.pop("logits", None)
+        result.update({f"eval/{prefix}{k}": v for k, v in metrics.items()})
         logging.info(
-            "linear eval %s: top-1 %.4f top-5 %.4f (%d train, %d test)",
+            "eval %s: %s (%d train, %d test)",
             prefix.rstrip("/") or "simclr",
-            metrics["top_1"],
-            metrics["top_5"],
-            metrics["num_train"],
-            metrics["num_test"],
+            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "top" in k),
+            len(train_labels),
+            len(test_labels),
         )
     result["eval/seconds"] = time.time() - started
     write_scalars(config, state, result)
     return result
+
+
+def _linear_metrics(
+    config: config_lib.Config,
+    num_classes: int,
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+) -> dict[str, object]:
+    """The offline linear classifier's top-1/top-5 (and its test logits),
+    plus the example counts; only the counts at --linear_eval_epochs=0."""
+    metrics: dict[str, object] = {
+        "num_train": len(train_labels),
+        "num_test": len(test_labels),
+    }
+    if not config.eval.linear_eval_epochs:
+        return metrics
+    classifier = linear.train_linear_classifier(
+        train_features,
+        train_labels,
+        num_classes,
+        epochs=config.eval.linear_eval_epochs,
+        seed=config.train.seed or 0,
+    )
+    metrics.update(
+        linear.evaluate_linear(classifier, test_features, test_labels)
+    )
+    metrics["logits"] = classifier.predict_logits(test_features)
+    return metrics
 
 
 def _representations(

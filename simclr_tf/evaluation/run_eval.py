@@ -39,30 +39,54 @@ def evaluate_state(
       source: the --train_split source if already open.
 
     Returns:
-      eval/split, eval/top_1, eval/top_5, ... (pretraining adds kNN and the
-      baselines: see protocol.run_linear_eval).
+      eval/split, eval/top_1, eval/top_5, ... A pretrained encoder gets
+      the linear protocol, kNN and the baselines (protocol.run_linear_eval)
+      and, when it has a supervised head (--lineareval_while_pretraining),
+      that head's scores as eval/head/top_1 and eval/head/top_5: GR's own
+      evaluation, what its published linear-eval figures are.
     """
-    if config.train.train_mode == "pretrain":
-        return protocol.run_linear_eval(config, state, source)
+    if config.train.train_mode != "pretrain":
+        return _evaluate_head(config, state, "eval/", reports=True)
+    result = protocol.run_linear_eval(config, state, source)
+    if state.model.supervised_head is not None:
+        linear_protocol = "eval/top_1" in result
+        result.update(
+            _evaluate_head(
+                config, state, "eval/head/", reports=not linear_protocol
+            )
+        )
+    return result
+
+
+def _evaluate_head(
+    config: config_lib.Config,
+    state: train_state.TrainState,
+    prefix: str,
+    reports: bool,
+) -> dict[str, object]:
+    """The model's own supervised head on --eval_split (BN in inference
+    mode), as <prefix>top_1, top_5 and num_test; with `reports`, the
+    per-class reports from its predictions."""
     started = time.time()
     test_source = run_data.open_split(config, config.data.eval_split)
     test_data = run_data.eval_input(config, test_source, eval_split=True)
     scores = protocol.evaluate_classifier(state.model, test_data)
-    protocol.write_run_reports(
-        config,
-        state,
-        test_data,
-        scores["labels"],
-        scores["logits"],
-        scores["features"],
-        class_names=test_source.class_names,
-    )
+    if reports:
+        protocol.write_run_reports(
+            config,
+            state,
+            test_data,
+            scores["labels"],
+            scores["logits"],
+            scores["features"],
+            class_names=test_source.class_names,
+        )
     result: dict[str, object] = {"eval/split": test_source.split}
     for name in ("top_1", "top_5", "num_test"):
-        result[f"eval/{name}"] = scores[name]
-    result["eval/seconds"] = time.time() - started
+        result[f"{prefix}{name}"] = scores[name]
+    result[f"{prefix}seconds"] = time.time() - started
     logging.info(
-        "%s eval: top-1 %.4f top-5 %.4f (%d images of %s)",
+        "%s eval (supervised head): top-1 %.4f top-5 %.4f (%d images of %s)",
         config.train.train_mode,
         scores["top_1"],
         scores["top_5"],
