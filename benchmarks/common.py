@@ -117,27 +117,56 @@ def step_flops_per_image(model: str) -> int:
     return 2 * 3 * forward_flops_per_image(**MODELS[model])
 
 
-def matmul_flops_per_second(size: int, repeats: int) -> dict[str, float]:
+CLOCKS = ("wall", "cpu")
+
+
+def clock(name: str) -> Callable[[], float]:
+    """A seconds counter: "wall" (time.perf_counter) or "cpu" (this
+    process's CPU time, all threads, over the cores it may use: on a
+    machine shared with other processes it stays near the unloaded wall
+    time, which the others' load inflates; idle threads that spin count as
+    busy)."""
+    if name == "wall":
+        return time.perf_counter
+    cores = len(os.sched_getaffinity(0))
+    return lambda: time.process_time() / cores
+
+
+def matmul_flops_per_second(
+    size: int,
+    repeats: int,
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    clock_name: str = "wall",
+) -> dict[str, float]:
     """FLOP/s of a size x size tf.matmul, median of `repeats`, per dtype.
 
+    Args:
+      size: matrix side n.
+      repeats: timed products per dtype.
+      dtypes: which dtypes to time. (With ONEDNN_MAX_CPU_ISA below
+        AVX512_CORE on a CPU that has AVX-512, TensorFlow still sends
+        bfloat16 matmuls to oneDNN, which aborts the process: time float32
+        only there.)
+      clock_name: "wall" or "cpu" (`clock`).
+
     Returns:
-      {"float32": FLOP/s, "bfloat16": FLOP/s}; the machine's practical peak
-      that step rates are compared with.
+      {dtype name: FLOP/s}; the machine's practical peak that step rates
+      are compared with.
     """
     import numpy as np
     import tensorflow as tf
 
     rates = {}
-    for dtype in (tf.float32, tf.bfloat16):
+    for dtype in (tf.as_dtype(name) for name in dtypes):
         a = tf.cast(tf.random.uniform((size, size), seed=1), dtype)
         b = tf.cast(tf.random.uniform((size, size), seed=2), dtype)
         product = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
         float(product(a, b))  # Trace and warm up.
-        times = []
+        now, times = clock(clock_name), []
         for _ in range(repeats):
-            started = time.perf_counter()
+            started = now()
             float(product(a, b))
-            times.append(time.perf_counter() - started)
+            times.append(now() - started)
         rates[dtype.name] = 2 * size**3 / float(np.median(times))
     return rates
 
@@ -258,6 +287,30 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> dict[str, object]:
+    """The vector ISA oneDNN can use: the CPU's SIMD flags and the cap.
+
+    Returns:
+      {"flags": sorted avx/fma/amx flags of /proc/cpuinfo, e.g. ["avx2",
+      "avx512f", "fma"], "onednn_max_cpu_isa": $ONEDNN_MAX_CPU_ISA or
+      None (no cap)}.
+    """
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    prefixes = ("avx", "fma", "amx")
+    return {
+        "flags": sorted(f for f in flags if f.startswith(prefixes)),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+    }
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -270,8 +323,8 @@ def metadata(flag_values: dict[str, object]) -> dict[str, object]:
       flag_values: the benchmark's own flags, recorded as given.
 
     Returns:
-      git_sha, versions (python, tensorflow, keras, numpy), device, date
-      (UTC, ISO 8601) and flags.
+      git_sha, versions (python, tensorflow, keras, numpy), device,
+      cpu_isa (`cpu_isa`), date (UTC, ISO 8601) and flags.
     """
     import keras
     import numpy as np
@@ -286,6 +339,7 @@ def metadata(flag_values: dict[str, object]) -> dict[str, object]:
             "numpy": np.__version__,
         },
         "device": f"{cpu_model()}, {os.cpu_count()} CPUs",
+        "cpu_isa": cpu_isa(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "flags": flag_values,
     }

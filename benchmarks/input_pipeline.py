@@ -236,22 +236,22 @@ def time_device_distort(batch: dict, settings: dict) -> dict[str, object]:
     import numpy as np
     import tensorflow as tf
 
-    from simclr_tf.data.augment import batch as augment_batch
+    from simclr_tf.data.augment import views as augment_views
 
     distort = tf.function(
         functools.partial(
-            augment_batch.distort_views,
+            augment_views.distort_views,
             color_jitter_strength=settings["strength"],
             blur=settings["blur"],
         ),
         jit_compile=True,
     )
-    views, seeds = (batch["view1"], batch["view2"]), batch["view_seeds"]
+    views, seed = (batch["view1"], batch["view2"]), batch["distort_seed"]
     started = time.perf_counter()
-    distort(views, seeds)[0].numpy()  # first call traces and compiles
+    distort(views, seed)[0].numpy()  # first call traces and compiles
     compile_seconds = time.perf_counter() - started
-    calls = _time_calls(lambda: distort(views, seeds), _count("distort_calls"))
-    rates = [rate * int(seeds.shape[0]) for rate in calls]
+    calls = _time_calls(lambda: distort(views, seed), _count("distort_calls"))
+    rates = [rate * int(views[0].shape[0]) for rate in calls]
     return {
         "device_distort_images_per_second": float(np.median(rates)),
         "device_distort_images_per_second_runs": rates,

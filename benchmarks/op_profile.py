@@ -6,6 +6,7 @@ tests can import it without the script's absl flags.
 from __future__ import annotations
 
 import collections
+import re
 
 # The optimizer's name scope in simclr_tf's step (optim.build_optimizer).
 OPTIMIZER_SCOPE = "LARS"
@@ -27,10 +28,22 @@ CATEGORIES = (
 )
 
 
+# Name scopes of simclr_tf.models.conv's custom gradients (forward convs
+# and matmuls inside them are gradient work), numbered by TensorFlow from
+# the second conv on ("conv_input_gradient_1/...").
+_GRADIENT_SCOPES = (
+    (re.compile(r"(^|/)conv_input_gradient(_\d+)?/"), "conv_input_gradient"),
+    (re.compile(r"(^|/)conv_filter_gradient(_\d+)?/"), "conv_filter_gradient"),
+)
+
+
 def categorize(op_name: str, op_type: str) -> str:
     """The category of one executed op (its name scope, then its type)."""
     if f"/{OPTIMIZER_SCOPE}/" in f"/{op_name}":
         return "optimizer"
+    for pattern, category in _GRADIENT_SCOPES:
+        if pattern.search(op_name):
+            return category
     for marker, category in _TYPE_CATEGORIES:
         if marker in op_type:
             return category

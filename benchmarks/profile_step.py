@@ -93,7 +93,8 @@ def run_worker(spec: dict[str, object]) -> dict[str, object]:
     forward = 2 * spec["batch"] * common.forward_flops_per_image(**model)
     forward *= spec["steps"]
     dtype = "bfloat16" if "bfloat16" in spec["precision"] else "float32"
-    peak = common.matmul_flops_per_second(spec["matmul_size"], 3)[dtype]
+    peak = common.matmul_flops_per_second(spec["matmul_size"], 3, (dtype,))
+    peak = peak[dtype]
     return {
         **breakdown,
         "wall_seconds": wall,

@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -58,6 +57,14 @@ _MATMUL_REPEATS = flags.DEFINE_integer("matmul_repeats", 5, "Matmuls timed.")
 _TIMEOUT = flags.DEFINE_integer(
     "timeout", 3600, "Seconds before one configuration's subprocess is killed."
 )
+_CLOCK = flags.DEFINE_enum(
+    "clock",
+    "wall",
+    list(common.CLOCKS),
+    "What steps and the matmul are timed by: wall time, or this process's "
+    "CPU time over its cores (common.clock; steadier on a shared machine; "
+    "simclr_tf only, with --torch_modes=).",
+)
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON.")
 _WORKER = flags.DEFINE_string(
     "worker_config", None, "Internal: time one configuration (JSON) and exit."
@@ -74,11 +81,11 @@ def _time_simclr_tf(spec: dict[str, object]) -> dict[str, object]:
     import numpy as np
 
     step = common.build_simclr_step(spec)
-    times = []
+    now, times = common.clock(spec.get("clock", "wall")), []
     for _ in range(1 + spec["warmup"] + spec["steps"]):
-        started = time.perf_counter()
+        started = now()
         step.run()
-        times.append(time.perf_counter() - started)
+        times.append(now() - started)
     p50, p90 = np.percentile(times[1 + spec["warmup"] :], [50, 90])
     return {
         "images_per_second": spec["batch"] / float(p50),
@@ -91,7 +98,12 @@ def _time_simclr_tf(spec: dict[str, object]) -> dict[str, object]:
 
 def _time_matmul(spec: dict[str, object]) -> dict[str, dict[str, float]]:
     """FLOP/s of an n x n tf.matmul in float32 and bfloat16 (median)."""
-    rates = common.matmul_flops_per_second(spec["size"], spec["repeats"])
+    rates = common.matmul_flops_per_second(
+        spec["size"],
+        spec["repeats"],
+        tuple(spec["dtypes"]),
+        spec.get("clock", "wall"),
+    )
     return {"flops_per_second": rates}
 
 
@@ -158,6 +170,11 @@ def _configurations() -> list[dict[str, object]]:
         raise ValueError(
             f"--jit={','.join(_JIT.value)} must list true/false; use "
             "e.g. --jit=false,true."
+        )
+    if _CLOCK.value == "cpu" and _torch_modes():
+        raise ValueError(
+            "--clock=cpu times simclr_tf and the matmul, not torch_step.py; "
+            "pass --torch_modes= with it."
         )
     configurations = []
     for model in _MODELS.value:
@@ -265,6 +282,7 @@ def _flag_values() -> dict[str, object]:
     """This benchmark's flags as given (for the report's metadata)."""
     holders = (_MODELS, _PRECISIONS, _JIT, _TORCH_MODES, _BATCH, _STEPS)
     holders += (_WARMUP, _REPEATS, _MATMUL_SIZE, _MATMUL_REPEATS, _TIMEOUT)
+    holders += (_CLOCK,)
     return {holder.name: holder.value for holder in (*holders, _OUTPUT)}
 
 
@@ -296,11 +314,16 @@ def _measure() -> tuple[list[dict], dict[str, float]]:
     configurations = _configurations()
     matmul_spec = {"kind": "matmul", "size": _MATMUL_SIZE.value}
     matmul_spec["repeats"] = _MATMUL_REPEATS.value
+    matmul_spec["clock"] = _CLOCK.value
+    # Only the dtypes timed: bfloat16 aborts under an AVX2 oneDNN cap.
+    matmul_spec["dtypes"] = sorted(
+        {"bfloat16" if _is_bfloat16(c) else "float32" for c in configurations}
+    )
     matmul = _run_subprocess(matmul_spec, _TIMEOUT.value)
     rates = matmul.get("flops_per_second", {})
     runs: list[list[dict]] = [[] for _ in configurations]
     steps = {"batch": _BATCH.value, "steps": _STEPS.value}
-    steps["warmup"] = _WARMUP.value
+    steps |= {"warmup": _WARMUP.value, "clock": _CLOCK.value}
     for _ in range(_REPEATS.value):
         for index, configuration in enumerate(configurations):
             spec = {**configuration, **steps}

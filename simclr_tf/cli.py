@@ -80,9 +80,10 @@ def run(config: config_lib.Config) -> dict[str, object]:
 
     mode = config.train.mode
     started = time.time()
-    # Before anything starts TensorFlow's devices (opening a folder source
-    # decodes its images), or the CPU can no longer be split.
-    runtime.configure_virtual_cpus(config.runtime.num_virtual_cpus)
+    # The strategy comes before anything starts TensorFlow (opening a folder
+    # source decodes its images): the CPU can only be split into virtual
+    # devices, and a multi-worker cluster only configured, before that.
+    strategy = None if mode == "preview" else train_state.setup_run(config)
     file_io.makedirs(config.model_dir)
     source = run_data.open_train_source(config)
     if mode == "preview":
@@ -98,16 +99,16 @@ def run(config: config_lib.Config) -> dict[str, object]:
         )
     base = {"config": config.to_dict(), "versions": _versions()}
     if mode == "eval":
-        result = run_eval.run_eval_loop(config, source, base)
+        result = run_eval.run_eval_loop(config, source, base, strategy)
         result.pop("state")
         _print_table(result)
         return result
     if mode in ("train", "train_then_eval"):
         summary = loop.run_training(
-            config, source, hooks=monitor.training_hooks(config)
+            config, source, monitor.training_hooks(config), strategy
         )
     else:
-        summary = train_state.restore_for_eval(config, source)
+        summary = train_state.restore_for_eval(config, source, strategy)
     state = summary["state"]
     if summary.get("preempted"):
         return {

@@ -114,11 +114,12 @@ def check_devices(
       hardware: what this machine has.
     """
     if name == "mirrored" and not (
-        hardware.gpus or runtime.num_virtual_cpus > 1
+        hardware.gpus or runtime.num_virtual_cpus >= 1
     ):
         raise ValueError(
             "--strategy=mirrored needs GPUs that TensorFlow can use or "
-            "--num_virtual_cpus=N (N > 1), but TensorFlow sees no GPU here"
+            "--num_virtual_cpus=N (CPU replicas), but TensorFlow sees no GPU "
+            "here"
             f"{_hidden_gpu_hint(hardware)}; use --strategy=auto, or "
             "--num_virtual_cpus=2 to try replicas on the CPU."
         )

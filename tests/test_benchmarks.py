@@ -268,3 +268,63 @@ def test_write_image_folder_is_photo_like_and_reused(tmp_path):
         len(tf.io.encode_jpeg(x, quality=90).numpy()) for x in (flat, noise)
     ]
     assert 4 * sizes[0] < first["mean_jpeg_bytes"] < sizes[1] / 2
+
+
+def _summed_rate(rows: list[dict], method: str, skip_stem: bool) -> float:
+    """FLOPs / seconds over every layer of `rows` for one method."""
+    kept = [row for row in rows if not (skip_stem and row["stem"])]
+    flops = sum(len(row["layers"]) * row["flops"] for row in kept)
+    seconds = sum(len(row["layers"]) * row["seconds"][method] for row in kept)
+    return flops / seconds
+
+
+def test_conv_gradients_rows_flops_and_totals(tmp_path):
+    report = _run_script(
+        "conv_gradients.py",
+        str(tmp_path / "conv_gradients.json"),
+        "--models=demo",
+        "--precisions=float32",
+        "--batch=2",
+        "--repeats=1",
+        "--matmul_size=64",
+        "--clock=cpu",
+    )
+    _check_metadata(report)
+    assert set(report["cpu_isa"]) == {"flags", "onednn_max_cpu_isa"}
+    (result,) = report["results"]
+    rows = result["rows"]
+    # Every conv layer of ResNet-18 x0.25 (CIFAR stem) once: 1 stem, 16 in
+    # blocks, 4 projection shortcuts.
+    assert sum(len(row["layers"]) for row in rows) == 21
+    common = _load_benchmarks_common()
+    conv_only = common.forward_flops_per_image(
+        28, 1, 18, 0.25, 1, proj_out_dim=0, num_classes=0
+    )
+    flops = sum(len(row["layers"]) * row["flops"] for row in rows)
+    assert flops == 2 * conv_only
+    for row in rows:
+        seconds = row["seconds"]
+        assert seconds == row["cpu_seconds"]
+        assert all(_positive_finite(value) for value in seconds.values())
+        for method, value in seconds.items():
+            # rel 1e-12: the same float division as the script.
+            assert row["fraction_of_forward"][method] == pytest.approx(
+                seconds["forward"] / value, rel=1e-12
+            )
+        # The timed code computes the gradient (float32 summation order).
+        assert max(row["max_relative_error"].values()) < 1e-5
+    forward = _summed_rate(rows, "forward", skip_stem=False)
+    totals = result["totals"]
+    for kind, skip_stem in (("input", True), ("filter", False)):
+        rate = _summed_rate(rows, f"{kind}_tensorflow", skip_stem)
+        assert totals[f"{kind}_tensorflow"]["fraction_of_forward"] == (
+            pytest.approx(rate / forward, rel=1e-9)
+        )
+        matmul = result["matmul_flops_per_second"]
+        assert totals[f"{kind}_tensorflow"]["fraction_of_matmul"] == (
+            pytest.approx(rate / matmul, rel=1e-9)
+        )
+        # The best method per shape is at least as fast as any one method.
+        best = totals[f"{kind}_best"]["fraction_of_forward"]
+        assert best >= totals[f"{kind}_chosen"]["fraction_of_forward"]
+        assert best >= totals[f"{kind}_tensorflow"]["fraction_of_forward"]

@@ -39,8 +39,8 @@ _DRIVER = textwrap.dedent(
     captured = {}
     run_training = training_loop.run_training
 
-    def recording_run_training(config, source=None, hooks=None):
-        summary = run_training(config, source, hooks)
+    def recording_run_training(config, source=None, hooks=None, strategy=None):
+        summary = run_training(config, source, hooks, strategy)
         captured["state"] = summary["state"]
         return summary
 

@@ -15,8 +15,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simclr_tf.config import schema as config_lib
-from simclr_tf.data import pipeline, run_data
-from simclr_tf.data.augment import batch as augment_batch
+from simclr_tf.data import order, pipeline, run_data
+from simclr_tf.data.augment import views
 from simclr_tf.data.sources import base as source_lib
 from simclr_tf.data.sources import registry, synthetic
 
@@ -27,6 +27,20 @@ def tiny_source(num_examples: int = 10) -> source_lib.Source:
     return synthetic.synthetic(
         num_examples=num_examples, image_size=SIZE, channels=3, seed=0
     )
+
+
+def indexed_source(
+    num_examples: int = 12, channels: int = 3
+) -> tuple[source_lib.Source, np.ndarray]:
+    """Random images labelled by their index, and the images as uint8."""
+    rng = np.random.default_rng(4)
+    shape = (num_examples, SIZE, SIZE, channels)
+    images = rng.integers(0, 256, shape, np.uint8)
+    labels = np.arange(num_examples)
+    source = source_lib.from_arrays(
+        "indexed", "train", images, labels, num_examples
+    )
+    return source, images
 
 
 def constant_source(value: int, num_examples: int = 4) -> source_lib.Source:
@@ -47,17 +61,28 @@ def pretrain_batches(
         seed=seed,
         **kwargs,
     )
+    # tf.data's shuffle mixes in the global seed: the same one every time.
+    keras.utils.set_random_seed(0)
     data = input_fn(context or tf.distribute.InputContext())
     return list(data.take(count).as_numpy_iterator())
 
 
+def _seeds(stream, count):
+    return list(stream.take(count).as_numpy_iterator())
+
+
 @pytest.fixture(scope="module")
 def seeded_batches():
-    """6 batches of 5 from 12 examples: epochs end mid-batch (12 / 5)."""
-    # Module fixtures run before conftest's per-test reset; tf.data's
-    # shuffle mixes in the global seed, so set the same one tests get.
-    keras.utils.set_random_seed(0)
-    return pretrain_batches(tiny_source(12), 6, seed=0, blur=True)
+    """6 batches of 5 from 12 indexed examples: epochs end mid-batch."""
+    return pretrain_batches(indexed_source()[0], 6, blur=True)
+
+
+@pytest.fixture(scope="module")
+def per_image_batches():
+    """The same pipeline cropping one image at a time: 3 batches."""
+    return pretrain_batches(
+        indexed_source()[0], 3, blur=True, batched_augment=False
+    )
 
 
 def test_pretrain_input_fn_views_shape_dtype_range(seeded_batches):
@@ -76,12 +101,9 @@ def test_pretrain_input_fn_drops_remainder_across_epochs(seeded_batches):
 
 def test_pretrain_input_fn_first_epoch_is_a_permutation(seeded_batches):
     labels = np.concatenate([batch["label"] for batch in seeded_batches])
-    _, source_labels = next(
-        tiny_source(12).dataset().batch(12).as_numpy_iterator()
-    )
     # The shuffle buffer (5 x 50, capped at 12) holds the whole split, so
-    # the first 12 elements are each example exactly once.
-    np.testing.assert_array_equal(np.sort(labels[:12]), np.sort(source_labels))
+    # the first 12 elements are each example (label = index) exactly once.
+    np.testing.assert_array_equal(np.sort(labels[:12]), np.arange(12))
 
 
 def test_pretrain_input_fn_views_differ(seeded_batches):
@@ -94,24 +116,27 @@ def test_pretrain_input_fn_views_differ(seeded_batches):
 
 
 def test_pretrain_input_fn_seed_repeats_exactly(seeded_batches):
-    again = pretrain_batches(tiny_source(12), 6, seed=0, blur=True)
+    again = pretrain_batches(indexed_source()[0], 6, blur=True)
     for a, b in zip(seeded_batches, again, strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_pretrain_input_fn_different_seeds_differ(seeded_batches):
-    other = pretrain_batches(tiny_source(12), 2, seed=1, blur=True)
+    other = pretrain_batches(indexed_source()[0], 2, seed=1, blur=True)
     for a, b in zip(seeded_batches, other, strict=False):
         assert not np.array_equal(a["view1"], b["view1"])
 
 
-def test_pretrain_input_fn_per_replica_batch():
+def test_training_input_fn_per_replica_batch():
+    # pretrain and finetune share _training_input_fn; finetune's is quicker
+    # to build (no colour distortion to compile).
+    input_fn = pipeline.finetune_input_fn(
+        tiny_source(), global_batch_size=8, image_size=SIZE, seed=0
+    )
     context = tf.distribute.InputContext(num_replicas_in_sync=2)
-    batch = pretrain_batches(
-        tiny_source(), 1, global_batch_size=8, context=context
-    )[0]
-    assert batch["view1"].shape == (4, SIZE, SIZE, 3)
+    batch = next(input_fn(context).as_numpy_iterator())
+    assert batch["image"].shape == (4, SIZE, SIZE, 3)
 
 
 def test_pretrain_input_fn_changes_flat_colours():
@@ -123,8 +148,8 @@ def test_pretrain_input_fn_changes_flat_colours():
         global_batch_size=8,
         color_jitter_strength=1.0,
     )[0]
-    views = np.concatenate([batch["view1"], batch["view2"]])
-    assert np.any(np.abs(views - 128 / 255) > 0.02)
+    both = np.concatenate([batch["view1"], batch["view2"]])
+    assert np.any(np.abs(both - 128 / 255) > 0.02)
 
 
 def test_finetune_input_fn_keeps_colours():
@@ -213,48 +238,6 @@ def test_pretrain_input_fn_tfds_mock_cifar10():
         assert np.all((0 <= batch["label"]) & (batch["label"] < 10))
 
 
-# Both paths draw every random number from the same per-element seed; only
-# float32 summation order differs (see test_augment's PARITY_ATOL).
-PARITY_ATOL = 1e-5
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_pretrain_input_fn_batched_equals_per_image(channels):
-    source = synthetic.synthetic(
-        num_examples=12, image_size=SIZE, channels=channels, seed=0
-    )
-    batches = {}
-    for batched in (True, False):
-        keras.utils.set_random_seed(0)  # tf.data's shuffle mixes it in
-        batches[batched] = pretrain_batches(
-            source, 3, seed=0, blur=True, batched_augment=batched
-        )
-    for fast, slow in zip(batches[True], batches[False], strict=True):
-        np.testing.assert_array_equal(fast["label"], slow["label"])
-        for key in ("view1", "view2"):
-            np.testing.assert_allclose(fast[key], slow[key], atol=PARITY_ATOL)
-
-
-def test_finetune_input_fn_batched_equals_per_image():
-    batches = {}
-    for batched in (True, False):
-        keras.utils.set_random_seed(0)
-        input_fn = pipeline.finetune_input_fn(
-            tiny_source(12),
-            global_batch_size=5,
-            image_size=SIZE,
-            seed=3,
-            batched_augment=batched,
-        )
-        data = input_fn(tf.distribute.InputContext()).take(3)
-        batches[batched] = list(data.as_numpy_iterator())
-    for fast, slow in zip(batches[True], batches[False], strict=True):
-        np.testing.assert_array_equal(fast["label"], slow["label"])
-        np.testing.assert_allclose(
-            fast["image"], slow["image"], atol=PARITY_ATOL
-        )
-
-
 def test_pretrain_input_fn_varying_image_sizes_fall_back_to_per_image():
     shapes = [(20, 24), (18, 16), (24, 20), (16, 22)]
     images = [
@@ -284,52 +267,134 @@ def test_pretrain_input_fn_varying_image_sizes_fall_back_to_per_image():
     assert batch["view1"].shape == (4, SIZE, SIZE, 3)
 
 
-@pytest.mark.parametrize("batched", [True, False])
-def test_pretrain_input_fn_on_device_views_complete_to_host_views(batched):
-    """augment_on_device stops after crop + flip; distort_views finishes it.
+def test_seed_streams_follow_the_documented_formula():
+    streams = {
+        order._AUGMENT_SALT: order.element_seeds,
+        order._BATCH_SALT: order.batch_seeds,
+    }
+    bases = set()
+    for salt, stream in streams.items():
+        # Element / batch k of host 2: [derived seed, start + k].
+        base = order.derived_seed(7, salt, 2)
+        seeds = np.array(_seeds(stream(7, 2, start=5), 3))
+        assert seeds.dtype == np.int32
+        np.testing.assert_array_equal(seeds, [[base, 5], [base, 6], [base, 7]])
+        # The index wraps modulo 2^31 (non-negative int32).
+        wrapped = np.array(_seeds(stream(7, 2, start=2**31 - 2), 3))
+        np.testing.assert_array_equal(wrapped[:, 1], [2**31 - 2, 2**31 - 1, 0])
+        bases.add(base)
+        # Unseeded: random int32 [2] seeds, different every run.
+        first, again = (_seeds(stream(None, 0), 4) for _ in range(2))
+        assert first[0].shape == (2,) and first[0].dtype == np.int32
+        assert not np.array_equal(first, again)
+    assert len(bases) == 2  # the two streams never share a seed
 
-    Reference: the host pipeline's finished views for the same seed.
-    """
-    batches = {}
-    for on_device in (False, True):
-        keras.utils.set_random_seed(0)
-        batches[on_device] = pretrain_batches(
-            tiny_source(12),
-            2,
-            seed=0,
+
+def test_pretrain_batched_views_are_simclr_augment_batch(seeded_batches):
+    """Batch k is simclr_augment_batch of its images twice over (view1
+    rows, then view2 rows) with batch seed k."""
+    _, images = indexed_source()
+    seeds = _seeds(order.batch_seeds(0, 0), len(seeded_batches))
+    for batch, seed in zip(seeded_batches, seeds, strict=True):
+        chosen = images[batch["label"]]
+        expected = views.simclr_augment_batch(
+            np.concatenate([chosen, chosen]),
+            SIZE,
+            color_jitter_strength=0.5,
             blur=True,
-            augment_on_device=on_device,
-            batched_augment=batched,
+            seed=seed,
         )
-    for host, device in zip(batches[False], batches[True], strict=True):
-        assert "view_seeds" not in host
-        assert device["view_seeds"].shape == (5, 2, 2)
-        views = augment_batch.distort_views(
-            (device["view1"], device["view2"]),
-            device["view_seeds"],
+        view1, view2 = np.split(expected.numpy(), 2)
+        # The pipeline's is compiled with XLA: float rounding only
+        # (test_augment's eager / XLA agreement).
+        np.testing.assert_allclose(batch["view1"], view1, atol=1e-5)
+        np.testing.assert_allclose(batch["view2"], view2, atol=1e-5)
+
+
+def test_pretrain_per_image_views_use_element_then_batch_seeds(
+    per_image_batches,
+):
+    """Example j's two crops are crop_and_flip of [image, image] with its
+    element seed's crop seed; batch k's distort_views uses batch seed k's
+    distort seed."""
+    _, images = indexed_source()
+    size = len(per_image_batches[0]["label"])
+    element_seeds = _seeds(order.element_seeds(0, 0), 3 * size)
+    batch_seeds = _seeds(order.batch_seeds(0, 0), 3)
+    for index, batch in enumerate(per_image_batches):
+        crops = np.stack(
+            [
+                views.crop_and_flip(
+                    np.stack([images[label]] * 2),
+                    SIZE,
+                    views.stage_seeds(element_seeds[index * size + j])[0],
+                )
+                for j, label in enumerate(batch["label"])
+            ]
+        )  # [b, 2 views, S, S, C]
+        expected = views.distort_views(
+            (crops[:, 0], crops[:, 1]),
+            views.stage_seeds(batch_seeds[index])[1],
             color_jitter_strength=0.5,
             blur=True,
         )
-        for key, view in zip(("view1", "view2"), views, strict=True):
+        for key, view in zip(("view1", "view2"), expected, strict=True):
+            np.testing.assert_allclose(batch[key], view, atol=1e-5)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_pretrain_input_fn_on_device_views_complete_to_host_views(
+    batched, seeded_batches, per_image_batches
+):
+    """augment_on_device stops after crop + flip; distort_views with the
+    batch's distort_seed finishes it into the host pipeline's views."""
+    host_batches = seeded_batches if batched else per_image_batches
+    device_batches = pretrain_batches(
+        indexed_source()[0],
+        2,
+        blur=True,
+        augment_on_device=True,
+        batched_augment=batched,
+    )
+    for host, device in zip(host_batches, device_batches, strict=False):
+        assert "distort_seed" not in host
+        assert device["distort_seed"].shape == (2,)
+        distorted = views.distort_views(
+            (device["view1"], device["view2"]),
+            device["distort_seed"],
+            color_jitter_strength=0.5,
+            blur=True,
+        )
+        for key, view in zip(("view1", "view2"), distorted, strict=True):
             # Crops alone are not the views (colour jitter changes them)...
             assert np.abs(device[key] - host[key]).max() > 0.05
-            # ...distorted with their seeds they are, up to summation order.
-            np.testing.assert_allclose(view, host[key], atol=PARITY_ATOL)
+            # ...distorted with their seed they are, up to float rounding
+            # (eager here, XLA in the pipeline).
+            np.testing.assert_allclose(view, host[key], atol=1e-5)
 
 
-def _indexed_source(
-    num_examples: int = 6,
-) -> tuple[source_lib.Source, np.ndarray]:
-    """Random 1-channel images labelled by their index."""
-    rng = np.random.default_rng(4)
-    images = rng.integers(0, 256, (num_examples, SIZE, SIZE, 1), np.uint8)
-    labels = np.arange(num_examples)
-    source = source_lib.from_arrays("indexed", "train", images, labels, 6)
-    return source, images.astype(np.float32) / 255.0
+def test_finetune_batched_views_are_crop_and_flip_with_batch_seeds():
+    source, images = indexed_source()
+    input_fn = pipeline.finetune_input_fn(
+        source, global_batch_size=5, image_size=SIZE, seed=0
+    )
+    keras.utils.set_random_seed(0)
+    batches = input_fn(tf.distribute.InputContext()).take(2)
+    seeds = _seeds(order.batch_seeds(0, 0), 2)
+    for batch, seed in zip(batches.as_numpy_iterator(), seeds, strict=True):
+        expected = views.simclr_augment_batch(
+            images[batch["label"]],
+            SIZE,
+            color_jitter_strength=0.0,
+            blur=False,
+            seed=seed,
+            color_distort=False,
+        )
+        np.testing.assert_allclose(batch["image"], expected, atol=1e-5)
 
 
-def _assert_whole_image_or_mirror(views, labels, images) -> None:
-    for view, label in zip(views, labels, strict=True):
+def _assert_whole_image_or_mirror(crops, labels, images) -> None:
+    for view, label in zip(crops, labels, strict=True):
         image = images[label]
         error = min(
             np.abs(view - image).max(), np.abs(view - image[:, ::-1]).max()
@@ -342,7 +407,8 @@ def test_crop_min_area_reaches_both_pipelines_through_the_config(batched):
     # --crop_min_area=1 leaves no crop but the image itself: every crop +
     # flip view (pretraining before distortion, fine-tuning) is the image
     # or its mirror. The paper's 0.08 gives other views.
-    source, images = _indexed_source()
+    source, images = indexed_source(6, channels=1)
+    images = images.astype(np.float32) / 255.0
     for min_area, whole in ((1.0, True), (0.08, False)):
         config = config_lib.from_dict(
             {
@@ -376,12 +442,12 @@ def test_crop_min_area_reaches_both_pipelines_through_the_config(batched):
         context = tf.distribute.InputContext()
         batch = next(iter(pretrain(context)))
         tuned = next(iter(finetune(context)))
-        views = [
+        pairs = [
             (batch["view1"], batch["label"]),
             (batch["view2"], batch["label"]),
             (tuned["image"], tuned["label"]),
         ]
-        for view, label in views:
+        for view, label in pairs:
             if whole:
                 _assert_whole_image_or_mirror(
                     view.numpy(), label.numpy(), images

@@ -11,7 +11,7 @@ import tensorflow as tf
 from PIL import Image, ImageFont
 
 from simclr_tf.config import schema as config_lib
-from simclr_tf.data.augment import image as augment
+from simclr_tf.data.augment import views as augment
 from simclr_tf.data.sources import registry, synthetic
 from simclr_tf.reports import preview
 

@@ -47,10 +47,50 @@ def op_profile():
         ("LARS/Square", "Square", "optimizer"),
         ("model/relu", "Relu", "elementwise_and_other"),
         ("model/NOTLARS/mul", "Mul", "elementwise_and_other"),
+        # simclr_tf.models.conv's custom gradients, by name scope.
+        (
+            "conv_input_gradient/Conv2D",
+            "_MklNativeConv2D",
+            "conv_input_gradient",
+        ),
+        (
+            "while/body/_1/conv_input_gradient_12/Conv2D",
+            "_MklNativeConv2D",
+            "conv_input_gradient",
+        ),
+        ("conv_filter_gradient_3/MatMul", "_MklMatMul", "conv_filter_gradient"),
+        ("model/my_conv_input_gradient_x/Conv2D", "Conv2D", "conv_forward"),
     ],
 )
 def test_categorize(op_profile, name, op_type, expected):
     assert op_profile.categorize(name, op_type) == expected
+
+
+def test_custom_conv_gradient_ops_are_categorized_as_gradients(op_profile):
+    from simclr_tf.models import conv
+
+    layers = [
+        conv.Conv2D(4, 3, padding="same", use_bias=False),
+        conv.Conv2D(4, 3, padding="same", use_bias=False),
+    ]
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layers[1](layers[0](x))
+        return y, tape.gradient(y, [x, layers[0].kernel, layers[1].kernel])
+
+    graph = step.get_concrete_function(tf.TensorSpec((1, 5, 5, 4))).graph
+    categories = [
+        op_profile.categorize(op.name, op.type)
+        for op in graph.get_operations()
+        if op.type == "Conv2D"
+    ]
+    # Two forward convs; two input gradients as forward convs (stride 1).
+    assert sorted(categories) == sorted(
+        ["conv_forward"] * 2 + ["conv_input_gradient"] * 2
+    )
 
 
 def test_union_of_intervals_counts_overlaps_once(op_profile):

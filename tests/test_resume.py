@@ -166,6 +166,13 @@ def test_input_order_depends_on_the_seed_and_is_new_every_epoch(sources):
     assert not np.array_equal(epoch_1, epoch_2)
 
 
+def test_seed_streams_started_at_k_continue_the_full_streams():
+    for stream in (order.element_seeds, order.batch_seeds):
+        full = list(stream(3, 1).take(12).as_numpy_iterator())
+        later = list(stream(3, 1, 7).take(5).as_numpy_iterator())
+        np.testing.assert_array_equal(np.stack(later), np.stack(full[7:]))
+
+
 def test_host_position_counts_local_replicas():
     context = _context(1, 2, 8)  # 2 hosts, 4 replicas each
     assert order.host_position(5, 64, context) == (5 * 8 * 4, 5 * 4)

@@ -17,7 +17,7 @@ import tensorflow as tf
 from simclr_tf.config import schema as config_lib
 from simclr_tf.config import validation
 from simclr_tf.data import run_data
-from simclr_tf.data.augment import image as augment
+from simclr_tf.data.augment import views as augment
 from simclr_tf.data.sources import synthetic
 from simclr_tf.evaluation import knn, monitor
 from simclr_tf.training import builders, train_state, train_step

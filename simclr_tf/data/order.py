@@ -15,8 +15,9 @@ import tensorflow as tf
 
 from simclr_tf.data.sources import base as source_lib
 
-# Salts that keep the shuffle, augmentation and order seed streams apart.
-_SHUFFLE_SALT, _AUGMENT_SALT, _ORDER_SALT = 1, 2, 3
+# Salts that keep the shuffle, per-example, order and per-batch seed
+# streams apart.
+_SHUFFLE_SALT, _AUGMENT_SALT, _ORDER_SALT, _BATCH_SALT = 1, 2, 3, 4
 # More epochs than any run has: the training stream is endless in effect.
 _MAX_EPOCHS = 2**40
 
@@ -37,40 +38,42 @@ def shuffle_buffer_size(
     return max(1, min(per_replica_batch_size * multiplier, num_examples))
 
 
-def element_seeds(
-    seed: int | None,
-    host: int,
-    batch_size: int | None = None,
-    start: int = 0,
+def _seed_stream(
+    seed: int | None, salt: int, host: int, start: int
 ) -> tf.data.Dataset:
-    """An endless stream of int32 [2] stateless seeds, one per element.
+    """int32 [2] seeds [derived seed, start + k] (mod 2^31), k = 0, 1, ...
 
-    Seeded: [derived seed, element index], independent of TF's global seed,
-    from element `start` on (a resumed run continues its stream).
     Unseeded: random values from `Dataset.random`, different every run.
-    With batch_size, one int32 [batch_size, 2] element per batch instead,
-    made in one step (no per-element map): seeded, exactly the batched
-    per-element stream; `start` must then be a multiple of batch_size.
     """
     if seed is None:
         # One random int64 per element, viewed as two int32.
-        data = tf.data.Dataset.random()
-        if batch_size is not None:
-            data = data.batch(batch_size)
-        return data.map(lambda value: tf.bitcast(value, tf.int32))
-    base = tf.constant(derived_seed(seed, _AUGMENT_SALT, host), tf.int64)
-    # The index wraps modulo 2^32 in the cast: 4e9 distinct seeds per host.
-    if batch_size is None:
-        return tf.data.Dataset.counter(start).map(
-            lambda index: tf.cast(tf.stack([base, index]), tf.int32)
+        return tf.data.Dataset.random().map(
+            lambda value: tf.bitcast(value, tf.int32)
         )
+    base = tf.constant(derived_seed(seed, salt, host), tf.int64)
+    return tf.data.Dataset.counter(start).map(
+        lambda index: tf.cast(tf.stack([base, index % 2**31]), tf.int32)
+    )
 
-    def batch_seeds(batch: tf.Tensor) -> tf.Tensor:
-        index = batch * batch_size + tf.range(batch_size, dtype=tf.int64)
-        bases = tf.fill([batch_size], base)
-        return tf.cast(tf.stack([bases, index], axis=1), tf.int32)
 
-    return tf.data.Dataset.counter(start // batch_size).map(batch_seeds)
+def element_seeds(
+    seed: int | None, host: int, start: int = 0
+) -> tf.data.Dataset:
+    """Endless int32 [2] seeds; element k seeds example start + k's crop.
+
+    [derived(seed, _AUGMENT_SALT, host), start + k] (wrapping mod 2^31),
+    or random draws when seed is None.
+    """
+    return _seed_stream(seed, _AUGMENT_SALT, host, start)
+
+
+def batch_seeds(seed: int | None, host: int, start: int = 0) -> tf.data.Dataset:
+    """Endless int32 [2] seeds; element k seeds batch start + k's views.
+
+    [derived(seed, _BATCH_SALT, host), start + k] (wrapping mod 2^31), or
+    random draws when seed is None.
+    """
+    return _seed_stream(seed, _BATCH_SALT, host, start)
 
 
 def host_position(

@@ -3,8 +3,8 @@
 The training functions return an `input_fn(input_context)` for
 `strategy.distribute_datasets_from_function`; each host reads its own shard
 and batches per replica. Training pipelines batch first and augment whole
-batches (augment.*_batch); the per-image path gives the same values.
-Augmentations themselves live in augment.py.
+batches with one seed per batch; images of varying size are cropped one at
+a time first. The augmentations themselves live in data/augment/.
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from simclr_tf.data import order
-from simclr_tf.data.augment import batch as augment_batch
-from simclr_tf.data.augment import crop
-from simclr_tf.data.augment import image as augment
-from simclr_tf.data.augment import randomness as random_ops
+from simclr_tf.data.augment import crop, ops, views
 from simclr_tf.data.sources import base as source_lib
 
 InputFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
@@ -26,17 +23,18 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 
 class Augmenter(NamedTuple):
-    """How a training pipeline makes its views, in up to three stages.
+    """How a training pipeline makes its views: crop, then finish a batch.
 
-    per_image(image, label, seed) and per_batch(images, labels, seeds) make
-    the same dict (one element / a [b, ...] batch) on the host; finish(dict)
-    completes a batch of it (e.g. colour distortion after a per-image crop)
-    and is compiled with XLA. Both routes give the same values.
+    per_image(image, label, seed) crops one image (as a batch of one) into
+    one element's dict; per_batch(images, labels, seed) crops a batch into
+    a dict of [b, ...]; finish(batch, seed) completes a batch of such dicts
+    (e.g. colour distortion) and is compiled with XLA. Seeds are int32 [2]:
+    the crop seed and the distort seed of `views.stage_seeds`.
     """
 
     per_image: Callable[..., dict]
     per_batch: Callable[..., dict]
-    finish: Callable[[dict], dict]
+    finish: Callable[[dict, tf.Tensor], dict]
 
 
 def _augment_and_batch(
@@ -48,44 +46,55 @@ def _augment_and_batch(
     batched_augment: bool,
     start: int = 0,
 ) -> tf.data.Dataset:
-    """Batches (image, label) pairs and augments them, each with its seed.
+    """Batches (image, label) pairs and augments them.
 
-    `examples` begins at element `start` of the host's stream (a multiple
-    of batch_size), and so do the seeds.
+    `examples` begins at example `start` of the host's stream (a multiple of
+    batch_size, where a resumed run continues), and so do both seed
+    streams: example `start` and batch `start // batch_size`.
 
-    Element k gets stateless seed k of `_element_seeds` on both routes, so
-    they agree. Whole batches are far faster (fewer ops per image, and the
-    batched function is compiled with XLA, which fuses its many element-wise
-    ops: 6x faster on 32x32 and 4x on 224x224 batches on a CPU,
+    Batch k's views come from seed k of `order.batch_seeds` split by
+    `views.stage_seeds`: its crop seed crops the whole batch, its distort
+    seed finishes it. Whole batches are far faster (the batched function
+    is compiled with XLA, which fuses its many element-wise ops;
     benchmarks/RESULTS.md), but images of varying size cannot be batched
-    before cropping: those are cropped per image, batched, then finished.
+    before cropping: those are cropped one at a time, example k with the
+    crop seed of seed k of `order.element_seeds`, then batched and finished.
 
     Returns:
       Batches of the augmenter's dicts, drop_remainder.
     """
     static_size = examples.element_spec[0].shape[:2].is_fully_defined()
+    batch_seeds = order.batch_seeds(seed, host, start // batch_size)
     if batched_augment and static_size:
         data = examples.batch(batch_size, drop_remainder=True)
-        seeds = order.element_seeds(seed, host, batch_size, start)
 
-        def per_batch(images, labels, seeds_):
-            return augmenter.finish(augmenter.per_batch(images, labels, seeds_))
+        def per_batch(images, labels, batch_seed):
+            crop_seed, distort_seed = views.stage_seeds(batch_seed)
+            batch = augmenter.per_batch(images, labels, crop_seed)
+            return augmenter.finish(batch, distort_seed)
 
         compiled = tf.function(per_batch, jit_compile=True)
-        return tf.data.Dataset.zip(data, seeds).map(
-            lambda pair, seeds_: compiled(*pair, seeds_),
+        return tf.data.Dataset.zip(data, batch_seeds).map(
+            lambda pair, batch_seed: compiled(*pair, batch_seed),
             num_parallel_calls=AUTOTUNE,
         )
-    data = tf.data.Dataset.zip(
-        examples, order.element_seeds(seed, host, start=start)
-    )
+    element_seeds = order.element_seeds(seed, host, start)
+    data = tf.data.Dataset.zip(examples, element_seeds)
     data = data.map(
-        lambda pair, seed_: augmenter.per_image(*pair, seed_),
+        lambda pair, element_seed: augmenter.per_image(
+            *pair, views.stage_seeds(element_seed)[0]
+        ),
         num_parallel_calls=AUTOTUNE,
     )
     data = data.batch(batch_size, drop_remainder=True)
-    finish = tf.function(augmenter.finish, jit_compile=True)
-    return data.map(finish, num_parallel_calls=AUTOTUNE)
+
+    def finish(batch, batch_seed):
+        return augmenter.finish(batch, views.stage_seeds(batch_seed)[1])
+
+    compiled = tf.function(finish, jit_compile=True)
+    return tf.data.Dataset.zip(data, batch_seeds).map(
+        compiled, num_parallel_calls=AUTOTUNE
+    )
 
 
 def _finish(data: tf.data.Dataset, seed: int | None) -> tf.data.Dataset:
@@ -113,14 +122,19 @@ def pretrain_input_fn(
 ) -> InputFn:
     """Two independently augmented views per image (paper Sec. 2.1).
 
-    Per host: shard -> cache (optional) -> shuffle (GR's buffer, see
-    `shuffle_buffer_size`) -> repeat -> batch (drop_remainder) -> two views
-    per image, each image and view with its own stateless seed -> prefetch.
-    A view is `augment.simclr_augment` with that seed, made in two stages:
-    crop + flip (whole batches when the images share one size, else per
-    image before batching), then colour jitter, grayscale and blur on the
-    batch (`distort_views`). With augment_on_device the second stage is
-    left to the train step, which calls `distort_views`.
+    Per host: the example stream of `order.training_examples` (epochs
+    ordered from the seed, GR's shuffle buffer, from where a resumed run
+    is) -> batch (drop_remainder) -> two views
+    per image -> prefetch. Batch k's views are
+    `views.simclr_augment_batch` of its images twice over (a batch of 2b:
+    image i's views are rows i and b + i) with batch seed k
+    (`order.batch_seeds`), made in two stages: crop + flip with the crop seed
+    (whole batches when the images share one size, else each image as a
+    batch of two with its own seed, `order.element_seeds`, before batching),
+    then colour jitter, grayscale and blur with the distort seed
+    (`views.distort_views`). With augment_on_device the second stage is
+    left to the train step, which calls `distort_views` with the batch's
+    "distort_seed".
 
     Args:
       source: the training split.
@@ -135,7 +149,7 @@ def pretrain_input_fn(
         shuffle mixes in; None is non-deterministic and faster.
       cache: cache the decoded uint8 images in memory after the first pass.
       batched_augment: crop whole batches (fast) rather than images.
-      augment_on_device: stop after crop + flip and add "view_seeds".
+      augment_on_device: stop after crop + flip and add "distort_seed".
       crop_min_area: least crop area as a fraction of the image (paper
         0.08).
       start_step: the train step the run resumes at: the stream starts
@@ -144,58 +158,38 @@ def pretrain_input_fn(
     Returns:
       input_fn(input_context) -> infinite dataset of dicts: "view1", "view2"
       [b, S, S, C] float32 in [0, 1] (with augment_on_device: crops before
-      distortion, and "view_seeds" int32 [b, 2, 2] for `distort_views`)
+      distortion, and "distort_seed" int32 [2] for `distort_views`)
       and "label" [b] int64, with b = the per-replica batch size.
     """
-    augment.check_strength(color_jitter_strength)
+    ops.check_strength(color_jitter_strength)
     options = {
         "color_jitter_strength": color_jitter_strength,
         "blur": blur,
         "brightness_impl": brightness_impl,
     }
 
-    def crop_image(image: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor):
-        seeds = random_ops.stateless_split(seed_, 2)  # [2, 2]: view seeds
-        view1, view2 = (
-            augment.crop_and_flip(
-                image, image_size, seeds[i], crop_min_area=crop_min_area
-            )
-            for i in (0, 1)
-        )
-        return {
-            "view1": view1,
-            "view2": view2,
-            "view_seeds": seeds,
-            "label": label,
-        }
-
-    def crop_batch(images: tf.Tensor, labels: tf.Tensor, seeds: tf.Tensor):
-        # Image i's view seeds are stateless_split(seeds[i], 2), as above;
-        # both views go through one call on a batch of 2b.
-        seeds = random_ops.stateless_split(seeds, 2)  # [b, 2, 2]
-        views = augment_batch.crop_and_flip_batch(
+    def crop_batch(images: tf.Tensor, labels: tf.Tensor, seed_: tf.Tensor):
+        # Both views in one call on a batch of 2b: image i's views are
+        # rows i and b + i.
+        crops = views.crop_and_flip(
             tf.concat([images, images], axis=0),
             image_size,
-            tf.concat([seeds[:, 0], seeds[:, 1]], axis=0),
+            seed_,
             crop_min_area=crop_min_area,
         )
-        view1, view2 = tf.split(views, 2, axis=0)
-        return {
-            "view1": view1,
-            "view2": view2,
-            "view_seeds": seeds,
-            "label": labels,
-        }
+        view1, view2 = tf.split(crops, 2, axis=0)
+        return {"view1": view1, "view2": view2, "label": labels}
 
-    def distort(batch: dict) -> dict:
+    def crop_image(image: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor):
+        batch = crop_batch(image[None], label[None], seed_)
+        return {key: value[0] for key, value in batch.items()}
+
+    def distort(batch: dict, seed_: tf.Tensor) -> dict:
         if augment_on_device:
-            return batch
-        batch = dict(batch)
-        views = (batch.pop("view1"), batch.pop("view2"))
-        view1, view2 = augment_batch.distort_views(
-            views, batch.pop("view_seeds"), **options
-        )
-        return {"view1": view1, "view2": view2, **batch}
+            return {**batch, "distort_seed": seed_}
+        crops = (batch["view1"], batch["view2"])
+        view1, view2 = views.distort_views(crops, seed_, **options)
+        return {**batch, "view1": view1, "view2": view2}
 
     return _training_input_fn(
         source,
@@ -223,7 +217,7 @@ def finetune_input_fn(
     """One crop + flip view per image, for fine-tuning and linear eval.
 
     The same pipeline as `pretrain_input_fn` with
-    `augment.simclr_augment(..., color_distort=False, blur=False)` (paper
+    `views.simclr_augment_batch(..., color_distort=False, blur=False)` (paper
     App. B.6: no colour distortion or blur outside pretraining), batched
     as there.
 
@@ -242,20 +236,19 @@ def finetune_input_fn(
       [b, S, S, C] float32 in [0, 1] and "label" [b] int64.
     """
 
+    def one_view_batch(images: tf.Tensor, labels: tf.Tensor, seed_: tf.Tensor):
+        crops = views.crop_and_flip(
+            images, image_size, seed_, crop_min_area=crop_min_area
+        )
+        return {"image": crops, "label": labels}
+
     def one_view(image: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor):
-        view = augment.crop_and_flip(
-            image, image_size, seed_, crop_min_area=crop_min_area
-        )
-        return {"image": view, "label": label}
+        batch = one_view_batch(image[None], label[None], seed_)
+        return {key: value[0] for key, value in batch.items()}
 
-    def one_view_batch(images: tf.Tensor, labels: tf.Tensor, seeds: tf.Tensor):
-        views = augment_batch.crop_and_flip_batch(
-            images, image_size, seeds, crop_min_area=crop_min_area
-        )
-        return {"image": views, "label": labels}
-
-    def clip(batch: dict) -> dict:
+    def clip(batch: dict, seed_: tf.Tensor) -> dict:
         # simclr_augment(color_distort=False, blur=False) ends in this clip.
+        del seed_  # nothing random is left
         return {**batch, "image": tf.clip_by_value(batch["image"], 0.0, 1.0)}
 
     return _training_input_fn(
@@ -311,7 +304,7 @@ def eval_dataset(
     image_size: int,
     input_context: tf.distribute.InputContext | None = None,
 ) -> tf.data.Dataset:
-    """One ordered pass over the split with `augment.preprocess_for_eval`.
+    """One ordered pass over the split with `views.preprocess_for_eval`.
 
     Args:
       source: the split to evaluate on.
@@ -326,7 +319,7 @@ def eval_dataset(
     """
 
     def preprocess(image: tf.Tensor, label: tf.Tensor) -> dict:
-        image = augment.preprocess_for_eval(image, image_size)
+        image = views.preprocess_for_eval(image, image_size)
         return {"image": image, "label": label}
 
     data = source.dataset(input_context)

@@ -154,6 +154,7 @@ def run_eval_loop(
     config: config_lib.Config,
     source: source_lib.Source,
     base_result: dict[str, object],
+    strategy: tf.distribute.Strategy | None = None,
 ) -> dict[str, object]:
     """--mode=eval: evaluates each new checkpoint of model_dir once.
 
@@ -161,6 +162,7 @@ def run_eval_loop(
       config: the run's Config.
       source: the --train_split source.
       base_result: entries every result holds (config, versions).
+      strategy: the strategy train_state.setup_run made, if already made.
 
     Returns:
       The last checkpoint's result (also model_dir/result.json); each
@@ -170,7 +172,7 @@ def run_eval_loop(
       FileNotFoundError: no checkpoint appeared within the timeout.
     """
     _check_something_to_watch(config.model_dir)
-    strategy = train_state.setup_run(config)
+    strategy = strategy or train_state.setup_run(config)
     if config.train.train_mode != "pretrain":
         train_state.check_labelled(config, source)
         source = run_data.labelled_train_source(config, source)

@@ -1,14 +1,15 @@
 """The layers of a ResNet encoder: fixed-padding convs, BN-ReLU, residual
 blocks (basic and bottleneck) with SimCLRv2's selective kernels (SK) and
 squeeze-excitation (SE), as google-research/simclr's tf2/resnet.py builds
-them. resnet.py assembles them into a model.
+them. resnet.py assembles them into a model. Convolutions are conv.Conv2D
+(keras.layers.Conv2D whose gradients on CPUs come from conv.conv2d).
 """
 
 from __future__ import annotations
 
 import keras
 
-from simclr_tf.models import batch_norm
+from simclr_tf.models import batch_norm, conv
 
 BATCH_NORM_EPSILON = 1e-5
 
@@ -52,7 +53,7 @@ def conv2d_fixed_padding(
             name=name + "_pad",
         )(inputs)
         padding = "valid"
-    return keras.layers.Conv2D(
+    return conv.Conv2D(
         filters,
         kernel_size,
         strides=strides,
@@ -182,7 +183,7 @@ def _squeeze_excitation(
         ("se_reduce", max(1, int(filters * se_ratio)), "relu"),
         ("se_expand", inputs.shape[-1], "sigmoid"),
     ):
-        gate = keras.layers.Conv2D(
+        gate = conv.Conv2D(
             channels,
             1,
             activation=activation,

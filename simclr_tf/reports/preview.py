@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from simclr_tf import file_io
 from simclr_tf.config import schema as config_lib
-from simclr_tf.data.augment import image as augment
+from simclr_tf.data.augment import views as augment
 from simclr_tf.data.sources import base as source_lib
 
 PAD_COLOR = (128, 128, 128)  # mid grey: neutral against dark and bright views

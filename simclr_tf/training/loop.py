@@ -59,6 +59,7 @@ def run_training(
     config: config_lib.Config,
     source: source_lib.Source | None = None,
     hooks: HookFactory | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> dict[str, object]:
     """Trains per `config`, resuming from model_dir when it has a checkpoint.
 
@@ -66,6 +67,7 @@ def run_training(
       config: a validated Config (any train mode).
       source: the --train_split source if already open; None opens it.
       hooks: makes the run's hooks from its TrainState and train source.
+      strategy: the strategy train_state.setup_run made, if already made.
 
     Returns:
       A summary: final step, the last loop's metrics, images/s, wall time,
@@ -76,7 +78,7 @@ def run_training(
         checkpoint is left as it was.
     """
     started = time.time()
-    strategy = train_state.setup_run(config)
+    strategy = strategy or train_state.setup_run(config)
     source = source or run_data.open_train_source(config)
     pretrain = config.train.train_mode == "pretrain"
     train_source = source

@@ -215,14 +215,17 @@ def _restore_or_initialize(
 
 
 def restore_for_eval(
-    config: config_lib.Config, source: source_lib.Source | None = None
+    config: config_lib.Config,
+    source: source_lib.Source | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> dict[str, object]:
-    """Builds the model and restores the latest checkpoint of model_dir.
+    """Builds the model and restores the latest checkpoint of model_dir
+    (under `strategy` when setup_run already made it).
 
     Raises:
       FileNotFoundError: model_dir holds no checkpoint.
     """
-    strategy = setup_run(config)
+    strategy = strategy or setup_run(config)
     source = source or run_data.open_train_source(config)
     if tf.train.latest_checkpoint(config.model_dir) is None:
         raise FileNotFoundError(

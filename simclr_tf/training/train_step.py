@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from simclr_tf import loss_scale, losses
 from simclr_tf.config import schema as config_lib
-from simclr_tf.data.augment import batch as augment_batch
+from simclr_tf.data.augment import views as augment_views
 from simclr_tf.models import simclr
 
 # The weight of NT-Xent in the objective the pretraining step
@@ -84,9 +84,9 @@ def make_train_step(
     def step(batch: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         views = (batch["view1"], batch["view2"])
         if data.augment_on_device:
-            views = augment_batch.distort_views(
+            views = augment_views.distort_views(
                 views,
-                batch["view_seeds"],
+                batch["distort_seed"],
                 color_jitter_strength=data.color_jitter_strength,
                 blur=data.use_blur,
                 brightness_impl=data.brightness_impl,

@@ -191,8 +191,10 @@ def array_reader(images: np.ndarray, labels: np.ndarray) -> Reader:
     of the host's share, not only a window of them.
     """
     count = len(labels)
-    # Captured once; the indices are what tf.data shuffles and skips.
-    image_table, label_table = tf.constant(images), tf.constant(labels)
+    # The arrays become tensors once, on first use: creating them when the
+    # source is opened would start TensorFlow before the strategy is made
+    # (MultiWorkerMirroredStrategy must configure collectives first).
+    tables: list[tf.Tensor] = []
 
     def records(
         input_context: tf.distribute.InputContext | None,
@@ -203,7 +205,10 @@ def array_reader(images: np.ndarray, labels: np.ndarray) -> Reader:
         return tf.data.Dataset.from_tensor_slices(permute(indices, order_seed))
 
     def decode(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return tf.gather(image_table, index), tf.gather(label_table, index)
+        if not tables:
+            with tf.init_scope():  # eager tensors, captured by the map
+                tables.extend((tf.constant(images), tf.constant(labels)))
+        return tf.gather(tables[0], index), tf.gather(tables[1], index)
 
     return Reader(
         records=records,

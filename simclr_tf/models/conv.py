@@ -1,0 +1,189 @@
+"""conv2d with a custom gradient for CPUs, and the Keras layer that uses it.
+
+On one AVX2 machine TensorFlow's oneDNN Conv2DBackpropInput ran at 36% of
+the matmul rate while the forward conv ran at 93%. `conv2d` computes the
+forward pass with tf.nn.conv2d and, on CPUs, each gradient by the
+formulation of models/conv_gradients.py that METHODS picks for the conv's
+kernel size and stride (TensorFlow's own kernel where none measured
+faster). On GPUs and TPUs and under XLA, cuDNN and XLA have their own
+gradient kernels and `conv2d` is plain tf.nn.conv2d (`gradient_path`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import keras
+import tensorflow as tf
+
+from simclr_tf.models import conv_gradients
+
+Path = Literal["custom", "tensorflow"]
+# (input gradient, filter gradient) method per (kernel side, stride); others
+# by stride alone (DEFAULT_METHODS). Measured with benchmarks/
+# conv_gradients.py (benchmarks/RESULTS.md): a stride-1 input gradient as
+# a forward conv ran as fast as Conv2DBackpropInput on an AVX-512 and an
+# AVX2-capped Intel CPU (oneDNN runs that very forward kernel there), and it
+# is the forward conv that ran at 93% of the matmul on the AVX2 machine
+# where Conv2DBackpropInput ran at 36%. Every other formulation was slower
+# than TensorFlow's kernel on the Intel CPU, so the filter gradient and
+# strided input gradients stay TensorFlow's.
+METHODS: dict[tuple[int, int], tuple[str, str]] = {}
+DEFAULT_METHODS = {
+    1: ("conv", "tensorflow"),
+    2: ("tensorflow", "tensorflow"),
+}
+_TENSORFLOW_METHODS = ("tensorflow", "tensorflow")
+PADDINGS = ("SAME", "VALID")
+# Name scopes of the custom gradients' ops (benchmarks/op_profile.py).
+INPUT_GRADIENT_SCOPE = "conv_input_gradient"
+FILTER_GRADIENT_SCOPE = "conv_filter_gradient"
+
+
+def gradient_path(device: str | None = None) -> Path:
+    """Which gradient a conv2d traced here gets: "custom" or "tensorflow".
+
+    "tensorflow" inside an XLA context (tf.function(jit_compile=True),
+    TPUs) and for a GPU or TPU device; "custom" for a CPU device. With no
+    device given, the current device scope decides, and with none set,
+    TensorFlow's default placement (a GPU if one is visible, else the CPU).
+
+    Args:
+      device: a device string such as "/cpu:0" or
+        "/job:worker/replica:0/task:0/device:GPU:1"; None reads the scope.
+
+    Returns:
+      "custom" or "tensorflow".
+    """
+    if tf.__internal__.get_enclosing_xla_context() is not None:
+        return "tensorflow"
+    if device is None:
+        device = _scope_device()
+    device_type = tf.DeviceSpec.from_string(device or "").device_type
+    if device_type is None:
+        visible = tf.config.list_logical_devices
+        device_type = "GPU" if visible("GPU") else "CPU"
+    return "custom" if device_type.upper() == "CPU" else "tensorflow"
+
+
+def _scope_device() -> str:
+    """The device an op created now is requested on ("" if unset)."""
+    if tf.executing_eagerly():
+        return tf.__internal__.eager_context.get_device_name() or ""
+    return tf.no_op(name="device_probe").device
+
+
+def methods_for(kernel_size: int, stride: int) -> tuple[str, str]:
+    """(input, filter) gradient methods for a square conv (see METHODS)."""
+    if (kernel_size, stride) in METHODS:
+        return METHODS[kernel_size, stride]
+    return DEFAULT_METHODS.get(stride, _TENSORFLOW_METHODS)
+
+
+def conv2d(
+    inputs: tf.Tensor,
+    kernel: tf.Tensor,
+    strides: int | Sequence[int] = 1,
+    padding: str = "SAME",
+    *,
+    gradient: Literal["auto", "custom", "tensorflow"] = "auto",
+    methods: tuple[str, str] | None = None,
+) -> tf.Tensor:
+    """tf.nn.conv2d (NHWC) whose gradients on CPUs come from METHODS.
+
+    The forward pass is tf.nn.conv2d in every case; only the gradient
+    differs, and it equals TensorFlow's up to float rounding.
+
+    Args:
+      inputs: [B, H, W, ci] float32, bfloat16 or float16; H, W and ci
+        static for the custom gradient (B may be unknown).
+      kernel: [kh, kw, ci, co] of the inputs' dtype.
+      strides: an int or (stride_h, stride_w).
+      padding: "SAME" or "VALID" (TensorFlow's arithmetic).
+      gradient: "auto" (`gradient_path()`), "custom" or "tensorflow".
+      methods: (input method, filter method) from
+        conv_gradients.INPUT_METHODS / FILTER_METHODS; None = METHODS.
+
+    Returns:
+      [B, Ho, Wo, co] like tf.nn.conv2d.
+
+    Raises:
+      ValueError: a padding other than SAME/VALID, or gradient="custom"
+        with unknown spatial sizes.
+    """
+    padding = padding.upper()
+    if padding not in PADDINGS:
+        raise ValueError(
+            f"padding={padding!r} is not supported; use 'SAME' or 'VALID'."
+        )
+    stride_h, stride_w = (
+        (strides, strides) if isinstance(strides, int) else strides
+    )
+    static = None not in inputs.shape[1:]
+    if gradient == "auto":
+        gradient = gradient_path() if static else "tensorflow"
+    if gradient == "tensorflow":
+        return tf.nn.conv2d(inputs, kernel, (stride_h, stride_w), padding)
+    if not static:
+        raise ValueError(
+            f"gradient='custom' needs static H, W, C; got inputs of shape "
+            f"{inputs.shape}; use gradient='auto' or give the model a fixed "
+            "input_shape."
+        )
+    kh, kw = kernel.shape[:2]
+    rows = conv_gradients.axis(inputs.shape[1], kh, stride_h, padding)
+    cols = conv_gradients.axis(inputs.shape[2], kw, stride_w, padding)
+    if methods is None:
+        square = kh == kw and stride_h == stride_w
+        methods = methods_for(kh, stride_h) if square else _TENSORFLOW_METHODS
+    if tuple(methods) == _TENSORFLOW_METHODS:
+        return tf.nn.conv2d(inputs, kernel, (stride_h, stride_w), padding)
+    input_method, filter_method = methods
+    if input_method == "conv" and stride_h != stride_w:
+        input_method = "phases"  # depth_to_space needs one block size.
+
+    @tf.custom_gradient
+    def convolve(x, w):
+        def gradients(dy):
+            # Named scopes, so that profiles can tell these ops (forward
+            # convs and matmuls among them) from the forward pass.
+            with tf.name_scope(INPUT_GRADIENT_SCOPE):
+                dx = conv_gradients.input_gradient(
+                    dy, w, rows, cols, input_method
+                )
+            with tf.name_scope(FILTER_GRADIENT_SCOPE):
+                dw = conv_gradients.filter_gradient(
+                    x, dy, tuple(w.shape), rows, cols, filter_method
+                )
+            return dx, dw
+
+        return tf.nn.conv2d(x, w, (stride_h, stride_w), padding), gradients
+
+    return convolve(inputs, kernel)
+
+
+@keras.saving.register_keras_serializable(package="simclr_tf")
+class Conv2D(keras.layers.Conv2D):
+    """keras.layers.Conv2D whose gradients on CPUs come from `conv2d`.
+
+    Same arguments, variables (names, shapes, initialisers), checkpoint
+    keys and outputs as the Keras layer; only the backward pass differs,
+    and only where `gradient_path` says "custom". Falls back to Keras's
+    code for channels_first, dilation, groups or another backend.
+    """
+
+    def _supported(self) -> bool:
+        return (
+            keras.backend.backend() == "tensorflow"
+            and self.data_format == "channels_last"
+            and tuple(self.dilation_rate) == (1, 1)
+            and self.groups == 1
+        )
+
+    def convolution_op(self, inputs, kernel):
+        if not self._supported():
+            return super().convolution_op(inputs, kernel)
+        inputs = tf.convert_to_tensor(inputs)
+        kernel = tf.cast(tf.convert_to_tensor(kernel), inputs.dtype)
+        return conv2d(inputs, kernel, tuple(self.strides), self.padding)
