@@ -3,7 +3,7 @@
 GR's data_util.preprocess_image(image, size, size, is_training=False,
 test_crop=size > 32) runs in a subprocess on uint8 images of several
 sizes and aspect ratios (ImageNet-like, odd sides, smaller than the
-output, CIFAR's 32 x 32); simclr_tf's data/augment preprocess_for_eval
+output, CIFAR's 32 x 32); views.preprocess_for_eval (data/augment)
 must give the same pixels: GR crops the central 87.5% of the shorter side
 (rint, half to even) and resizes it bicubically with tf.image.resize; we
 crop the same box and resize with two matmuls of the same bicubic
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.data.augment import image as augment_image
+from simclr_tf.data.augment import views
 
 TOLERANCE = 2e-6
 # (height, width) of the test images: ImageNet-like portrait and
@@ -99,7 +99,7 @@ def test_preprocess_for_eval_is_grs(tmp_path, size, shapes):
     images = _images(shapes)
     expected = _gr_preprocess(tmp_path, images, size)
     for name, image in images.items():
-        ours = augment_image.preprocess_for_eval(tf.constant(image), size)
+        ours = views.preprocess_for_eval(tf.constant(image), size)
         assert ours.shape == expected[name].shape == (size, size, 3)
         difference = float(np.max(np.abs(ours.numpy() - expected[name])))
         assert difference <= TOLERANCE, (name, difference)
