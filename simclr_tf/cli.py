@@ -42,12 +42,15 @@ def main(argv: Sequence[str]) -> None:
         config = validation.validate(config_loading.from_flags())
     except ValueError as error:
         sys.exit(f"simclr_tf: {error}")
-    if config.train.mode == "eval" and config_loading.saved_run_config(
-        {"model_dir": config.model_dir}
+    for note in config_loading.no_effect_notes():
+        logging.warning(note)
+    if config.train.mode in config_loading.SAVED_RUN_MODES and (
+        config_loading.saved_run_config({"model_dir": config.model_dir})
     ):
         logging.info(
-            "--mode=eval: settings from %s/config.json; flags given override "
+            "--mode=%s: settings from %s/config.json; flags given override "
             "them.",
+            config.train.mode,
             config.model_dir,
         )
     from simclr_tf.training import loop
@@ -207,10 +210,11 @@ def _export(
 
 
 def _print_table(result: Mapping[str, object]) -> None:
-    if "eval/top_1" in result:
+    if any(k in result for k in TABLE_KEYS):
         print(format_table(result), flush=True)
 
 
+TABLE_KEYS = ("eval/top_1", "eval/head/top_1", "eval/knn/top_1")
 _MODEL_ROWS = {
     "pretrain": "SimCLR encoder (this run)",
     "lineareval": "linear eval (frozen)",
@@ -224,13 +228,15 @@ def format_table(result: Mapping[str, object]) -> str:
 
     Top-1/top-5 (for a pretrained encoder: its online head, GR's reported
     number, and the linear protocol on frozen features; the supervised
-    head otherwise), and kNN top-1 where it was computed; then how the
-    baselines were cut or why they were refused.
+    head otherwise; a pretrained encoder's own head on its own row), and
+    kNN top-1 where it was computed; then how the baselines were cut or
+    why they were refused.
     """
     train_mode = result["config"]["train"]["train_mode"]
     rows = [
         ("online linear head", "eval/online/"),
         (_MODEL_ROWS[train_mode], "eval/"),
+        ("its supervised head", "eval/head/"),
         ("same encoder, random init", "eval/random_init/"),
         ("raw pixels", "eval/pixels/"),
     ]
@@ -241,15 +247,16 @@ def format_table(result: Mapping[str, object]) -> str:
         f"{'representation':<28}{'top-1':>13}{'top-5':>8}{'kNN top-1':>11}",
     ]
     for label, prefix in rows:
-        if f"{prefix}top_1" not in result:
-            continue
-        line = (
-            f"{label:<28}{100 * result[f'{prefix}top_1']:>12.2f}%"
-            f"{100 * result[f'{prefix}top_5']:>7.2f}%"
-        )
-        if f"{prefix}knn/top_1" in result:
-            line += f"{100 * result[f'{prefix}knn/top_1']:>10.2f}%"
-        lines.append(line)
+        line = f"{label:<28}"
+        for name, width in (("top_1", 12), ("top_5", 7), ("knn/top_1", 10)):
+            value = result.get(f"{prefix}{name}")
+            line += (
+                " " * (width + 1)
+                if value is None
+                else (f"{100 * value:>{width}.2f}%")
+            )
+        if line.strip() != label:
+            lines.append(line.rstrip())
     for label, prefix in rows:
         for key in ("train_subset", "skipped"):
             if f"{prefix}{key}" in result:

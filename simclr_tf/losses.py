@@ -41,10 +41,15 @@ def nt_xent(
     (batch the distributed dataset with drop_remainder).
 
     Convention: the loss is the mean over this replica's 2n anchors, as in
-    the paper (about ln(2N-1) at initialisation). google-research/simclr
-    returns reduce_mean(loss_a + loss_b), which is 2x this value. Averaging
-    the per-replica losses (sum divided by the replica count, done by the
-    train step) gives the single-device loss on the global batch.
+    the paper (about ln(2N-1) at initialisation), and is what
+    train/contrast_loss logs. google-research/simclr returns
+    reduce_mean(loss_a + loss_b), which is 2x this value, and
+    differentiates that; the pretraining step differentiates
+    train_step.CONTRAST_LOSS_WEIGHT (2) x this loss, so that the update
+    (LARS's non-adapted BN and bias variables, weight decay and the
+    supervised head's loss against it) is GR's. Averaging the per-replica
+    losses (sum divided by the replica count, done by the train step) gives
+    the single-device loss on the global batch.
 
     Args:
         z1: [n, d] float projections of view 1 on this replica (any float

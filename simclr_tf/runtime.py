@@ -127,7 +127,9 @@ def check_devices(
             f"{_hidden_gpu_hint(hardware)}; use --strategy=auto, or "
             "--num_virtual_cpus=2 to try replicas on the CPU."
         )
-    if name == "tpu" and not (runtime.tpu_name or hardware.tpu):
+    if name == "tpu" and not (
+        runtime.tpu_name or runtime.master or hardware.tpu
+    ):
         raise ValueError(
             f"{'--use_tpu' if runtime.use_tpu else '--strategy=tpu'} but no "
             "TPU was found (no /dev/accel<n>, TPU /dev/vfio/<n> or TPU PCI "
@@ -194,10 +196,11 @@ def _tpu_address(
     hardware: hardware_lib.Hardware,
     environ: Mapping[str, str] | None = None,
 ) -> str:
-    """--tpu_name, else "local" on a TPU VM, else "" (TPU_NAME decides)."""
+    """--tpu_name, else --master (as GR's run.py), else "local" on a TPU
+    VM, else "" (TPU_NAME decides)."""
     environ = os.environ if environ is None else environ
-    if runtime.tpu_name:
-        return runtime.tpu_name
+    if runtime.tpu_name or runtime.master:
+        return runtime.tpu_name or runtime.master
     if hardware.tpu and hardware.tpu.local and "TPU_NAME" not in environ:
         return "local"
     return ""

@@ -136,25 +136,35 @@ def test_finetune_after_block_changes_only_later_layers(tmp_path, pretrained):
     before = _snapshot(state.model)
     changed = _train_from_state(config, state)
     model = state.model
+    trainable = {v.path for v in model.trainable_variables}
     for variable in model.variables:
         path = variable.path
         frozen = (
             "/initial_" in f"/{path}"
             or "block_group1_" in path
             or "block_group2_" in path
-            or "dense_1" in path
-            or "batch_normalization_1" in path.split("projection_head")[-1]
-            and "projection_head" in path
         )
-        if frozen:
+        if frozen and "moving_" not in path:
+            assert path not in trainable, path
+            assert path not in changed, path
+        # The head layer past --ft_proj_selector=1: not read, so its
+        # weights get no gradient (no weight decay in this protocol).
+        if "projection_head/dense_1" in path or (
+            "projection_head/batch_normalization_1/" in path
+            and "moving_" not in path
+        ):
             assert path not in changed, path
     # Later blocks (weights and BN statistics), the first head layer and
-    # the supervised head all learn.
+    # the supervised head all learn; as in GR, the frozen blocks' BN still
+    # normalises with batch statistics and updates its moving averages.
     for fragment in (
         "block_group3_block0_conv2d_0/kernel",
         "block_group4_block1_batch_normalization_1/moving_mean",
         "projection_head/dense_0/kernel",
         "head_supervised/kernel",
+        "block_group1_block0_batch_normalization_0/moving_mean",
+        "initial_batch_normalization/moving_variance",
+        "projection_head/batch_normalization_1/moving_mean",
     ):
         assert any(fragment in path for path in changed), fragment
     assert len(changed) < len(before)
@@ -198,8 +208,10 @@ def test_finetune_minus_one_trains_the_stem(tmp_path, pretrained):
     )
     changed = _train_from_state(config, state)
     assert "initial_conv2d/kernel" in changed
-    # ft_proj_selector=0: the projection head is not read, so not trained.
-    assert not any("projection_head" in path for path in changed)
+    # ft_proj_selector=0: the projection head is not read, so its weights
+    # get no gradient; its BN statistics follow the batches, as in GR.
+    head = {p for p in changed if "projection_head" in p}
+    assert head and all("/moving_" in p for p in head), head
 
 
 def test_initialize_from_saved_model_equals_checkpoint(tmp_path, pretrained):

@@ -88,6 +88,11 @@ def define_gr_flags() -> None:
     d.DEFINE_integer(
         "fine_tune_after_block", -1, "Freeze blocks up to this one."
     )
+    d.DEFINE_string(
+        "master",
+        None,
+        "TPU address used with --use_tpu when --tpu_name is not set.",
+    )
     d.DEFINE_string("model_dir", None, "Where checkpoints and logs go.")
     d.DEFINE_string("data_dir", None, "Where the dataset lives.")
     d.DEFINE_bool(
@@ -102,6 +107,9 @@ def define_gr_flags() -> None:
         "optimizer", "lars", list(OPTIMIZERS), "Optimizer for training."
     )
     d.DEFINE_float("momentum", 0.9, "Momentum of lars and momentum.")
+    d.DEFINE_string(
+        "eval_name", None, "Accepted for GR's command lines; no effect."
+    )
     d.DEFINE_integer("keep_checkpoint_max", 5, "Checkpoints to keep.")
     d.DEFINE_integer("keep_hub_module_max", 1, "SavedModel exports to keep.")
     d.DEFINE_float("temperature", 0.1, "NT-Xent temperature.")
@@ -131,6 +139,28 @@ def define_gr_flags() -> None:
     d.DEFINE_integer("image_size", 224, "Input image side in pixels.")
     d.DEFINE_float("color_jitter_strength", 1.0, "Colour jitter strength s.")
     d.DEFINE_bool("use_blur", True, "Gaussian blur in pretraining views.")
+    # Not a flag of GR's tf2/run.py, but its README's ImageNet command
+    # passes it (a tf1/ flag); accepted so that command runs.
+    d.DEFINE_integer(
+        "train_summary_steps",
+        None,
+        "Accepted for GR's README command lines; no effect (summaries are "
+        "written every --steps_per_loop steps).",
+    )
+
+
+# GR's flags that are accepted and do nothing here, and why; a run that
+# sets one logs the note (config/loading.py).
+NO_EFFECT_FLAGS = {
+    "eval_name": (
+        "google-research/simclr defines it but never reads it; result "
+        "files are named by step"
+    ),
+    "train_summary_steps": (
+        "a flag of google-research/simclr's tf1/ code; TensorBoard scalars "
+        "are written every --steps_per_loop steps"
+    ),
+}
 
 
 def define_extension_flags() -> None:
@@ -201,7 +231,8 @@ def define_extension_flags() -> None:
     d.DEFINE_integer(
         "linear_eval_epochs",
         30,
-        "Epochs of the offline linear classifier on frozen features.",
+        "Epochs of the offline linear classifier on frozen features (0: "
+        "none; with --noeval_knn, eval reads only --eval_split).",
     )
     d.DEFINE_bool(
         "eval_baselines",

@@ -142,6 +142,7 @@ class Runtime:
     jit_compile: bool = False
     use_tpu: bool = False
     tpu_name: str | None = None
+    master: str | None = None
     tpu_zone: str | None = None
     gcp_project: str | None = None
     device_memory_gb: float = 0.0

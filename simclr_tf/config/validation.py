@@ -190,12 +190,16 @@ def _check_counts(config: schema.Config) -> list[str]:
         "steps_per_loop": train.steps_per_loop,
         "keep_checkpoint_max": train.keep_checkpoint_max,
         "keep_hub_module_max": config.export.keep_hub_module_max,
-        "linear_eval_epochs": config.eval.linear_eval_epochs,
         "knn_k": config.eval.knn_k,
     }
     for name, value in positive.items():
         if value < 1:
             problems.append(f"--{name}={value} must be >= 1.")
+    if config.eval.linear_eval_epochs < 0:
+        problems.append(
+            f"--linear_eval_epochs={config.eval.linear_eval_epochs} must be "
+            f">= 0 (0: no offline linear classifier)."
+        )
     if train.train_steps < 0 or train.train_epochs < 0:
         problems.append("--train_steps and --train_epochs must be >= 0.")
     if train.train_steps == 0 and train.train_epochs == 0:

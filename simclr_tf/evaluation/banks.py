@@ -159,6 +159,16 @@ def capacity_for(split: Split, chunk: int) -> int:
     return -(-rows // chunk) * chunk
 
 
+def _full(batch: Mapping[str, tf.Tensor], size: int) -> dict:
+    """The batch with its static batch dimension: batches are full (padded),
+    but MultiWorkerMirroredStrategy's iterator forgets the dimension, which
+    the chunked kNN needs static."""
+    return {
+        name: tf.ensure_shape(value, [size, *value.shape[1:]])
+        for name, value in batch.items()
+    }
+
+
 def fill(
     strategy: tf.distribute.Strategy,
     bank: Bank,
@@ -178,6 +188,7 @@ def fill(
     """
 
     def replica_step(batch: Mapping[str, tf.Tensor], offset: tf.Tensor):
+        batch = _full(batch, split.batch)
         bank.write(offset, {**rows_of(batch), "label": batch["label"]})
 
     @tf.function
@@ -219,6 +230,7 @@ def stream(
     """
 
     def replica_step(batch: Mapping[str, tf.Tensor]) -> dict:
+        batch = _full(batch, split.batch)
         return {**rows_of(batch), "label": tf.cast(batch["label"], tf.int32)}
 
     @tf.function

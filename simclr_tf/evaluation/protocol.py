@@ -104,7 +104,11 @@ def run_linear_eval(
       during pretraining), eval/knn/top_1, eval/random_init/top_1,
       eval/pixels/top_1, ..., example counts, the plan's memory and, for a
       baseline cut or refused, eval/<baseline>/train_subset or /skipped.
+      --linear_eval_epochs=0 trains no linear classifier (kNN only, if
+      on); with --noeval_knn too, nothing is read and {} returned.
     """
+    if not (config.eval.linear_eval_epochs or config.eval.eval_knn):
+        return {}
     started = time.time()
     if train_source is None:
         train_source = run_data.open_train_source(config)
@@ -132,7 +136,11 @@ def run_linear_eval(
             continue
         if entry.note:
             result[f"eval/{prefix}train_subset"] = entry.note
-        keep = not prefix and config.eval.eval_reports
+        keep = (
+            not prefix
+            and config.eval.eval_reports
+            and config.eval.linear_eval_epochs > 0
+        )
         metrics, rows = scoring.score_representation(
             strategy,
             _featurizer(config, state, prefix, train_source),

@@ -38,15 +38,38 @@ def evaluate_state(
       source: the --train_split source if already open.
 
     Returns:
-      eval/split, eval/top_1, eval/top_5, ... (pretraining adds kNN and the
-      baselines: see protocol.run_linear_eval).
+      eval/split, eval/top_1, eval/top_5, ... A pretrained encoder gets
+      the linear protocol, kNN and the baselines (protocol.run_linear_eval)
+      and, when it has a supervised head (--lineareval_while_pretraining),
+      that head's scores as eval/head/top_1 and eval/head/top_5: GR's own
+      evaluation, what its published linear-eval figures are.
     """
-    if config.train.train_mode == "pretrain":
-        return protocol.run_linear_eval(config, state, source)
+    if config.train.train_mode != "pretrain":
+        return _evaluate_head(config, state, "eval/", reports=True)
+    result = protocol.run_linear_eval(config, state, source)
+    if state.model.supervised_head is not None:
+        linear_protocol = "eval/top_1" in result
+        result.update(
+            _evaluate_head(
+                config, state, "eval/head/", reports=not linear_protocol
+            )
+        )
+    return result
+
+
+def _evaluate_head(
+    config: config_lib.Config,
+    state: train_state.TrainState,
+    prefix: str,
+    reports: bool,
+) -> dict[str, object]:
+    """The model's own supervised head on --eval_split (BN in inference
+    mode), as <prefix>top_1, top_5 and num_test; with `reports`, the
+    per-class reports from its predictions."""
     started = time.time()
     test_source = run_data.open_split(config, config.data.eval_split)
     scores = protocol.evaluate_classifier(config, state, test_source)
-    if scores["features"] is not None:
+    if reports and scores["features"] is not None:
         protocol.write_run_reports(
             config,
             state,
@@ -58,10 +81,10 @@ def evaluate_state(
         )
     result: dict[str, object] = {"eval/split": test_source.split}
     for name in ("top_1", "top_5", "num_test"):
-        result[f"eval/{name}"] = scores[name]
-    result["eval/seconds"] = time.time() - started
+        result[f"{prefix}{name}"] = scores[name]
+    result[f"{prefix}seconds"] = time.time() - started
     logging.info(
-        "%s eval: top-1 %.4f top-5 %.4f (%d images of %s)",
+        "%s eval (supervised head): top-1 %.4f top-5 %.4f (%d images of %s)",
         config.train.train_mode,
         scores["top_1"],
         scores["top_5"],

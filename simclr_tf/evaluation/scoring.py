@@ -143,26 +143,28 @@ def score_representation(
         feature_dim=feature_dim,
         name=name,
     )
-    classifier = linear_device.train_on_bank(
-        strategy,
-        bank,
-        options.num_classes,
-        epochs=options.linear_epochs,
-        batch_size=options.linear_batch,
-        seed=options.seed,
-        chunk=chunk,
-    )
+    classifier = None
+    if options.linear_epochs > 0:
+        classifier = linear_device.train_on_bank(
+            strategy,
+            bank,
+            options.num_classes,
+            epochs=options.linear_epochs,
+            batch_size=options.linear_batch,
+            seed=options.seed,
+            chunk=chunk,
+        )
     k = min(options.knn_k, split.rows)
     queries = divisor_at_most(options.batch, options.knn_queries)
 
     def rows_of(batch: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         outputs = featurize(batch["image"])
         features, labels = outputs["features"], batch["label"]
-        logits = classifier.logits(features)
-        found = {
-            "linear": linear_device.ranks_of(logits, labels),
-            "prediction": tf.argmax(logits, -1, output_type=tf.int32),
-        }
+        found: dict[str, tf.Tensor] = {}
+        if classifier is not None:
+            logits = classifier.logits(features)
+            found["linear"] = linear_device.ranks_of(logits, labels)
+            found["prediction"] = tf.argmax(logits, -1, output_type=tf.int32)
         if options.knn:
             found["knn"] = knn_device.knn_ranks(
                 features,
@@ -186,11 +188,17 @@ def score_representation(
     metrics = metrics_of(rows, options.num_classes)
     metrics["num_train"] = split.rows
     logging.info(
-        "%s: linear top-1 %.4f top-5 %.4f%s (%d train, %d test)",
+        "%s: %s (%d train, %d test)",
         name,
-        metrics["top_1"],
-        metrics["top_5"],
-        f", kNN top-1 {metrics['knn/top_1']:.4f}" if options.knn else "",
+        ", ".join(
+            f"{label} {metrics[key]:.4f}"
+            for label, key in (
+                ("linear top-1", "top_1"),
+                ("top-5", "top_5"),
+                ("kNN top-1", "knn/top_1"),
+            )
+            if key in metrics
+        ),
         split.rows,
         metrics["num_test"],
     )

@@ -151,3 +151,21 @@ def read_variables(
                 seen.add(child.node_id)
                 queue.append((child.node_id, f"{path}{name}/"))
     return reader, found
+
+
+def is_gr_model(path: str) -> bool:
+    """Whether `path` holds a GR model (a TF2 checkpoint or SavedModel whose
+    "model" has GR's "resnet_model"), not e.g. a simclr_tf run; False when
+    nothing readable is there.
+    """
+    try:
+        source = resolve_source(path)
+        reader = tf.compat.v1.train.NewCheckpointReader(source.prefix)
+        graph = _object_graph(reader, source)
+    except (FileNotFoundError, ValueError, tf.errors.OpError):
+        return False
+    children = {c.local_name: c.node_id for c in graph.nodes[0].children}
+    if "model" not in children:
+        return False
+    model = graph.nodes[children["model"]]
+    return any(c.local_name == "resnet_model" for c in model.children)

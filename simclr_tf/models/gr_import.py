@@ -334,14 +334,17 @@ def _check_differences(
 
 
 def load_into(
-    model: simclr.SimCLRModel, path: str, include_supervised_head: bool = False
+    model: simclr.SimCLRModel,
+    path: str,
+    include_supervised_head: bool | None = False,
 ) -> str:
     """Copies a GR checkpoint into an existing SimCLRModel (--checkpoint).
 
     Args:
       model: a built SimCLRModel with the GR model's architecture.
       path: see `resolve_source`.
-      include_supervised_head: also copy GR's supervised head.
+      include_supervised_head: also copy GR's supervised head; None: when
+        both have one of the same size (GR's run.py restores all it can).
 
     Returns:
       The checkpoint prefix read.
@@ -356,6 +359,11 @@ def load_into(
     inferred = gr_arch.infer_architecture(
         {p: v.shape for p, v in found.items()}
     )
+    if include_supervised_head is None:
+        head = model.supervised_head
+        include_supervised_head = bool(
+            head is not None and head.num_classes == inferred.num_classes
+        )
     try:
         copy_variables(model, reader, found, include_supervised_head)
     except ValueError as error:

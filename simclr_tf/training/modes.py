@@ -16,7 +16,7 @@ from absl import logging
 
 from simclr_tf import file_io
 from simclr_tf.config import schema as config_lib
-from simclr_tf.models import simclr
+from simclr_tf.models import gr_checkpoint, gr_import, simclr
 from simclr_tf.training import builders
 
 ENCODER_BLOCK_GROUPS = 4
@@ -25,16 +25,24 @@ ENCODER_BLOCK_GROUPS = 4
 def freeze(
     model: simclr.SimCLRModel, train_mode: str, fine_tune_after_block: int
 ) -> list[str]:
-    """Marks the layers that must not learn as non-trainable.
+    """Keeps the weights that must not learn away from the optimizer.
 
-    A non-trainable layer gets no gradient and its BatchNormalization runs
-    in inference mode (moving statistics used, never updated).
+    lineareval (v1 App. B.6): the encoder and the projection head are
+    frozen as layers: no gradient, and their BN runs in inference mode
+    (moving statistics used, never updated), so every encoder weight and
+    statistic stays as loaded.
 
-    lineareval: the whole encoder and projection head (v1 App. B.6).
-    finetune and distill: with fine_tune_after_block = k >= 0 the stem, and
-    block groups 1..k (GR's flag: -1 trains everything, 4 only the heads);
-    always the projection-head layers past ft_proj_selector, which the
-    supervised head does not read.
+    finetune and distill, as google-research/simclr's run.py: with
+    fine_tune_after_block = k >= 0 the weights of the stem and of block
+    groups 1..k (-1: none; 4: the whole encoder) are not trainable (no
+    gradient, no weight decay), but their layers still run in training
+    mode: BN normalises with the batch's statistics and updates its moving
+    averages. GR builds those blocks with trainable=False, which Keras 2
+    does not pass down to the BN layers inside them, so its frozen BN
+    trains this way (checked against GR's step in tests/test_gr_step.py).
+    The projection-head layers past ft_proj_selector stay trainable, as in
+    GR: the loss does not reach them, so only an L2 term (momentum, Adam)
+    moves their kernels, and their BN statistics follow the batches.
 
     Args:
       model: a built SimCLRModel with a supervised head.
@@ -58,15 +66,11 @@ def freeze(
     frozen = []
     for layer in model.encoder.layers:
         if layer.weights and layer.name.startswith(tuple(prefixes)):
-            layer.trainable = False
+            # The variables, not the layer: a non-trainable layer's BN
+            # would switch to inference mode.
+            for variable in layer.trainable_weights:
+                variable.trainable = False
             frozen.append(layer.name)
-    head = model.projection_head
-    selector = model.ft_proj_selector
-    used = selector if selector >= 0 else head.num_layers + 1 + selector
-    for index in range(used, head.num_layers):
-        for layer in (head.dense_layers[index], head.batch_norm_layers[index]):
-            layer.trainable = False
-            frozen.append(f"{head.name}/{layer.name}")
     return frozen
 
 
@@ -79,7 +83,9 @@ def initialize_from(model: simclr.SimCLRModel, path: str) -> str:
     Args:
       model: a built SimCLRModel.
       path: a SavedModel export (a directory with saved_model.pb), a
-        model_dir (its latest checkpoint) or a checkpoint prefix.
+        model_dir (its latest checkpoint) or a checkpoint prefix, of
+        simclr_tf or of google-research/simclr (its released SavedModels,
+        run.py's model_dir or checkpoints: imported on the fly).
 
     Returns:
       The checkpoint or export actually read, for the log.
@@ -88,6 +94,14 @@ def initialize_from(model: simclr.SimCLRModel, path: str) -> str:
       FileNotFoundError: nothing to read at path.
       ValueError: what path holds does not fit the model's architecture.
     """
+    if gr_checkpoint.is_gr_model(path):
+        try:
+            return gr_import.load_into(model, path)
+        except ValueError as error:
+            raise ValueError(
+                f"--checkpoint={path}: {error}. Leave the encoder flags "
+                f"unset (they are read from it) or set them to its values."
+            ) from error
     if file_io.exists(file_io.join(path, "saved_model.pb")):
         _copy_from_saved_model(model, path)
         return path
@@ -161,9 +175,10 @@ def load_teacher(
     """The distillation teacher as images -> logits, BN in inference mode.
 
     Args:
-      path: a SavedModel export with a "logits_sup" output, or the model_dir
+      path: a SavedModel export with a "logits_sup" output, the model_dir
         (or a checkpoint in it) of a fine-tuned run, whose config.json
-        gives the architecture.
+        gives the architecture, or a google-research/simclr model with a
+        supervised head (imported).
       num_classes: classes of the student's head; the teacher must match.
       image_channels: C of the images.
       strategy: the run's strategy (the teacher's variables live in it).
@@ -175,6 +190,11 @@ def load_teacher(
       FileNotFoundError, ValueError: no usable teacher at path.
     """
     with strategy.scope():
+        if gr_checkpoint.is_gr_model(path):
+            teacher = gr_import.import_model(path).model
+            outputs = teacher(tf.zeros((1, 8, 8, image_channels)))
+            _check_teacher_classes(path, outputs.get("logits_sup"), num_classes)
+            return lambda images: teacher(images, training=False)["logits_sup"]
         if file_io.exists(file_io.join(path, "saved_model.pb")):
             loaded = tf.saved_model.load(path)
             logits = loaded.serving_default(

@@ -20,7 +20,7 @@ from simclr_tf.config import protocols
 from simclr_tf.config import schema as config_lib
 from simclr_tf.data import run_data
 from simclr_tf.data.sources import base as source_lib
-from simclr_tf.models import simclr
+from simclr_tf.models import gr_checkpoint, gr_import, simclr
 from simclr_tf.training import builders, modes
 from simclr_tf.training import schedule as schedule_lib
 
@@ -131,7 +131,13 @@ def build_state(
                 config.train.train_mode,
                 config.train.fine_tune_after_block,
             )
-            logging.info("frozen (inference-mode BN): %s", frozen or "none")
+            logging.info(
+                "frozen (%s): %s",
+                "inference-mode BN"
+                if config.train.train_mode == "lineareval"
+                else "weights only; BN statistics follow the batches, as GR",
+                frozen or "none",
+            )
         learning_rate = builders.build_learning_rate(config, schedule)
         optimizer = builders.build_optimizer(config, schedule, learning_rate)
         optimizer.build(model.trainable_variables)
@@ -205,6 +211,13 @@ def _restore_or_initialize(
         # fresh, as the linear and fine-tuning protocols ask.
         read = modes.initialize_from(model, config.train.checkpoint)
         logging.info("initialised encoder and projection head from %s", read)
+    elif config.train.checkpoint and gr_checkpoint.is_gr_model(
+        config.train.checkpoint
+    ):
+        # A google-research/simclr model, imported: every variable, the
+        # supervised head too when its size fits (as GR's restore).
+        read = gr_import.load_into(model, config.train.checkpoint, None)
+        logging.info("initialised weights from GR's %s", read)
     elif config.train.checkpoint:
         # GR's --checkpoint: initialise weights only, step count from 0.
         tf.train.Checkpoint(model=model).read(

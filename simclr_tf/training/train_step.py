@@ -20,6 +20,18 @@ from simclr_tf.config import schema as config_lib
 from simclr_tf.data.augment import views as augment_views
 from simclr_tf.models import simclr
 
+# The weight of NT-Xent in the objective the pretraining step
+# differentiates. losses.nt_xent is the paper's mean over the 2n anchors
+# (logged as train/contrast_loss); google-research/simclr differentiates
+# reduce_mean(loss_a + loss_b), the sum of the two views' means: twice
+# that. The factor is not a free scale: the BN and bias variables, which
+# LARS does not adapt, move by lr * gradient; LARS's coupled weight decay
+# and the supervised head's loss and decay are added to that gradient; and
+# momentum and Adam take every gradient as it is. With 2x the objective,
+# lr and --weight_decay mean what they mean in GR and the update is GR's
+# (tests/test_gr_step.py runs GR's own step to check).
+CONTRAST_LOSS_WEIGHT = 2.0
+
 
 def _weight_decay_loss(
     config: config_lib.Config, model: keras.Model
@@ -47,6 +59,11 @@ def make_train_step(
     num_replicas: int,
 ) -> Callable[[Mapping[str, tf.Tensor]], dict[str, tf.Tensor]]:
     """The per-replica SimCLR step: both views → loss → one update.
+
+    The objective is google-research/simclr's: CONTRAST_LOSS_WEIGHT (2) x
+    the paper's NT-Xent + the supervised head's cross-entropy (mean over
+    the 2n views, behind stop_gradient) + weight decay; its value is
+    logged as total_loss, NT-Xent itself as contrast_loss.
 
     Args:
       config: the run's Config.
@@ -89,7 +106,7 @@ def make_train_step(
             )
             metrics = losses.contrast_metrics(logits, labels)
             metrics["contrast_loss"] = contrast_loss
-            loss = contrast_loss
+            loss = CONTRAST_LOSS_WEIGHT * contrast_loss
             if "logits_sup" in outputs:
                 supervised_labels = tf.concat([batch["label"]] * 2, axis=0)
                 supervised = losses.supervised_loss(
@@ -203,10 +220,21 @@ def _update(
     """One optimizer update of the trainable variables; float32 metrics."""
     variables = model.trainable_variables
     gradients = tape.gradient(scaled_loss, variables)
+    # Trainable variables the loss does not reach (fine-tuning's projection
+    # head layers past --ft_proj_selector, without an L2 term) get None;
+    # the optimizer leaves them alone, as GR's does, without a warning.
+    pairs = [
+        (g, v)
+        for g, v in zip(gradients, variables, strict=True)
+        if g is not None
+    ]
+    gradients = [gradient for gradient, _ in pairs]
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         # Keras judges each replica's own gradients: agree on overflow first.
         gradients = loss_scale.share_non_finite(gradients)
-    optimizer.apply_gradients(zip(gradients, variables, strict=True))
+    optimizer.apply_gradients(
+        zip(gradients, [variable for _, variable in pairs], strict=True)
+    )
     return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
 
 
