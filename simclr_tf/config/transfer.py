@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import tensorflow as tf
 from absl import logging
 
 from simclr_tf import file_io
@@ -65,7 +66,12 @@ def _gr_architecture(path: str) -> dict[str, Any] | None:
 def checkpoint_architecture(path: str) -> dict[str, Any]:
     """{flag: value} of the model at path's architecture; {} when unknown
     (nothing there yet, or not a model: loading it reports that)."""
-    saved = _run_config(path)
+    try:
+        saved = _run_config(path)
+    except tf.errors.OpError as error:
+        # Unreachable storage: the run's loading of --checkpoint reports it.
+        logging.warning("--checkpoint=%s not readable yet: %s", path, error)
+        return {}
     if saved is not None:
         model = saved.get("model", {})
         return {
