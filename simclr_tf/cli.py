@@ -214,7 +214,7 @@ def _print_table(result: Mapping[str, object]) -> None:
         print(format_table(result), flush=True)
 
 
-TABLE_KEYS = ("eval/top_1", "eval/head/top_1", "eval/knn/top_1")
+TABLE_KEYS = ("eval/top_1", "eval/online/top_1", "eval/knn/top_1")
 _MODEL_ROWS = {
     "pretrain": "SimCLR encoder (this run)",
     "lineareval": "linear eval (frozen)",
@@ -228,7 +228,7 @@ def format_table(result: Mapping[str, object]) -> str:
 
     Top-1/top-5 (for a pretrained encoder: its online head, GR's reported
     number, and the linear protocol on frozen features; the supervised
-    head otherwise; a pretrained encoder's own head on its own row), and
+    head otherwise), and
     kNN top-1 where it was computed; then how the baselines were cut or
     why they were refused.
     """
@@ -236,7 +236,6 @@ def format_table(result: Mapping[str, object]) -> str:
     rows = [
         ("online linear head", "eval/online/"),
         (_MODEL_ROWS[train_mode], "eval/"),
-        ("its supervised head", "eval/head/"),
         ("same encoder, random init", "eval/random_init/"),
         ("raw pixels", "eval/pixels/"),
     ]

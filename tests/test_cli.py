@@ -148,9 +148,23 @@ def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
     images = np.random.default_rng(0).random((2, 16, 16, 3), np.float32)
     outputs = loaded.signatures["serving_default"](tf.constant(images))
     assert outputs["proj_head_output"].shape == (2, 16)
-    table = capsys.readouterr().out
-    assert "SimCLR encoder (this run)" in table and "raw pixels" in table
-    assert "kNN top-1" in table
+    # The table: one row per representation, the online head's (scored in
+    # the protocol's pass) first, with result.json's figures.
+    lines = capsys.readouterr().out.splitlines()
+    header = next(
+        i for i, line in enumerate(lines) if line.startswith("representation")
+    )
+    assert "kNN top-1" in lines[header]
+    rows = lines[header + 1 : header + 5]
+    assert [row[:28].strip() for row in rows] == [
+        "online linear head",
+        "SimCLR encoder (this run)",
+        "same encoder, random init",
+        "raw pixels",
+    ]
+    prefixes = ("eval/online/", "eval/", "eval/random_init/", "eval/pixels/")
+    for row, prefix in zip(rows, prefixes):
+        assert f"{100 * written[f'{prefix}top_1']:.2f}%" in row
     # TensorBoard event files for train and eval scalars, and the preview
     # grid of augmented views written once at the start of training.
     assert os.listdir(tmp_path / "eval")

@@ -139,13 +139,13 @@ def test_eval_reports_linear_knn_and_grs_own_head(gr_model):
     assert config.model.resnet_depth == 18 and config.model.cifar_stem
     # The linear protocol and kNN ran (their figures are tested in
     # tests/test_linear.py and tests/test_knn.py); the head is GR's.
-    assert {"eval/top_1", "eval/knn/top_1", "eval/head/top_1"} <= set(result)
-    assert result["eval/num_test"] == result["eval/head/num_test"] == 32
+    assert {"eval/top_1", "eval/knn/top_1", "eval/online/top_1"} <= set(result)
+    assert result["eval/num_test"] == 32
     # GR's evaluation: its SavedModel's logits_sup on the same images.
     images, labels = _test_images(config)
     logits = _gr_outputs(reference, images)["logits_sup"]
     expected = float(np.mean(np.argmax(logits, axis=-1) == labels))
-    assert result["eval/head/top_1"] == expected
+    assert result["eval/online/top_1"] == expected
 
 
 def test_readme_reproduction_command_evaluates_only_grs_head(gr_model):
@@ -165,8 +165,8 @@ def test_readme_reproduction_command_evaluates_only_grs_head(gr_model):
     images, labels = _test_images(config)
     logits = _gr_outputs(reference, images)["logits_sup"]
     expected = float(np.mean(np.argmax(logits, axis=-1) == labels))
-    assert result["eval/head/top_1"] == expected
-    assert result["eval/head/num_test"] == len(labels) == 32
+    assert result["eval/online/top_1"] == expected
+    assert result["eval/online/num_test"] == len(labels) == 32
 
 
 def test_export_writes_every_format_with_grs_outputs(gr_model):

@@ -41,18 +41,20 @@ def evaluate_state(
       eval/split, eval/top_1, eval/top_5, ... A pretrained encoder gets
       the linear protocol, kNN and the baselines (protocol.run_linear_eval)
       and, when it has a supervised head (--lineareval_while_pretraining),
-      that head's scores as eval/head/top_1 and eval/head/top_5: GR's own
-      evaluation, what its published linear-eval figures are.
+      that head's scores as eval/online/top_1 and eval/online/top_5: GR's
+      own evaluation, what its published linear-eval figures are.
     """
     if config.train.train_mode != "pretrain":
         return _evaluate_head(config, state, "eval/", reports=True)
     result = protocol.run_linear_eval(config, state, source)
-    if state.model.supervised_head is not None:
-        linear_protocol = "eval/top_1" in result
+    # The protocol's pass scores the head too (eval/online/); without the
+    # protocol (--linear_eval_epochs=0 --noeval_knn) the head is scored alone.
+    if (
+        state.model.supervised_head is not None
+        and "eval/online/top_1" not in result
+    ):
         result.update(
-            _evaluate_head(
-                config, state, "eval/head/", reports=not linear_protocol
-            )
+            _evaluate_head(config, state, "eval/online/", reports=True)
         )
     return result
 
