@@ -51,6 +51,19 @@ TPU_VARIABLES = (
 # (Cooper Lake, Zen 4+) and AMX (Sapphire Rapids+).
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
+# oneDNN's ISA levels below AVX512_CORE_BF16: ONEDNN_MAX_CPU_ISA set to one
+# of them keeps TensorFlow's oneDNN kernels off the CPU's bfloat16
+# instructions (on such a CPU a bfloat16 convolution then fails to build).
+ONEDNN_ISAS_BELOW_BF16 = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TPU:
@@ -99,12 +112,15 @@ class Hardware:
             level (driver files, device nodes, nvidia-smi), "" if none; a
             GPU there that is not in `gpus` is one TensorFlow cannot use.
         cpu_bf16: the CPU's bfloat16 flags found, e.g. ("avx512_bf16",).
+        onednn_limit: ONEDNN_MAX_CPU_ISA when it names a level below
+            bfloat16 (e.g. "AVX2"), else "".
     """
 
     tpu: TPU | None
     gpus: tuple[GPU, ...]
     nvidia_driver: str
     cpu_bf16: tuple[str, ...]
+    onednn_limit: str = ""
 
     @property
     def hidden_gpu(self) -> bool:
@@ -133,7 +149,14 @@ def detect(
         gpus=tuple(visible_gpus() if gpus is None else gpus),
         nvidia_driver=detect_nvidia_driver(root, environ),
         cpu_bf16=cpu_bf16_flags(root),
+        onednn_limit=onednn_limit(environ),
     )
+
+
+def onednn_limit(environ: Mapping[str, str]) -> str:
+    """ONEDNN_MAX_CPU_ISA (upper case) if it keeps oneDNN below bfloat16."""
+    value = environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    return value if value in ONEDNN_ISAS_BELOW_BF16 else ""
 
 
 def detect_tpu(root: str, environ: Mapping[str, str]) -> TPU | None:

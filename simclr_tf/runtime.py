@@ -249,11 +249,19 @@ def resolve_precision(
     Returns:
       The policy name.
     """
-    if precision != "auto":
+    if precision == "mixed_float16" or precision == "float32":
         return precision
-    name, reason = _auto_precision(
-        strategy_name, hardware or hardware_lib.detect()
-    )
+    hardware = hardware or hardware_lib.detect()
+    if precision != "auto":
+        if _cpu_bfloat16_disabled(strategy_name, hardware):
+            raise ValueError(
+                "--precision=mixed_bfloat16 on this CPU needs oneDNN's "
+                "bfloat16 kernels, which ONEDNN_MAX_CPU_ISA="
+                f"{hardware.onednn_limit} turns off; unset it, or use "
+                "--precision=float32."
+            )
+        return precision
+    name, reason = _auto_precision(strategy_name, hardware)
     logging.info("precision %s: %s", name, reason)
     return name
 
@@ -274,9 +282,28 @@ def _auto_precision(
         if least >= (7, 0):
             return "mixed_float16", f"{text} (float16 tensor cores)"
         return "float32", f"{text} (no tensor cores)"
+    if _cpu_bfloat16_disabled(strategy_name, hardware):
+        return "float32", (
+            f"CPU with {', '.join(hardware.cpu_bf16)}, but "
+            f"ONEDNN_MAX_CPU_ISA={hardware.onednn_limit} keeps oneDNN below "
+            "bfloat16"
+        )
     if hardware.cpu_bf16:
         return "mixed_bfloat16", f"CPU with {', '.join(hardware.cpu_bf16)}"
     return "float32", "CPU without AVX-512 BF16 or AMX"
+
+
+def _cpu_bfloat16_disabled(
+    strategy_name: str, hardware: hardware_lib.Hardware
+) -> bool:
+    """The model runs on a bfloat16 CPU whose oneDNN is held below it (a
+    CPU without the flags runs bfloat16 on its generic kernels)."""
+    return (
+        strategy_name != "tpu"
+        and not hardware.gpus
+        and bool(hardware.cpu_bf16)
+        and bool(hardware.onednn_limit)
+    )
 
 
 def cpu_has_bf16(root: str = "/") -> bool:

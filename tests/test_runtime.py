@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import tensorflow as tf
@@ -180,6 +183,87 @@ def test_auto_precision(strategy_name, machine, expected):
             runtime.resolve_precision(explicit, strategy_name, machine)
             == explicit
         )
+
+
+BF16_CPU_HELD_TO_AVX2 = _hardware(
+    cpu_bf16=("avx512_bf16",), onednn_limit="AVX2"
+)
+
+
+def test_onednn_limit_below_bfloat16_gives_float32(caplog):
+    with caplog.at_level(logging.INFO):
+        assert (
+            runtime.resolve_precision("auto", "default", BF16_CPU_HELD_TO_AVX2)
+            == "float32"
+        )
+    assert "ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN below bfloat16" in caplog.text
+    with pytest.raises(ValueError, match="ONEDNN_MAX_CPU_ISA=AVX2 turns off"):
+        runtime.resolve_precision(
+            "mixed_bfloat16", "default", BF16_CPU_HELD_TO_AVX2
+        )
+    # The limit is oneDNN's: TPUs and GPUs keep their own choice.
+    tpu = dataclasses.replace(BF16_CPU_HELD_TO_AVX2, tpu=V5E)
+    assert runtime.resolve_precision("auto", "tpu", tpu) == "mixed_bfloat16"
+    # A CPU without bfloat16 flags runs bfloat16 on its generic kernels.
+    plain = _hardware(onednn_limit="AVX2")
+    assert runtime.resolve_precision("mixed_bfloat16", "default", plain) == (
+        "mixed_bfloat16"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("AVX2", "AVX2"),
+        ("avx512_core", "AVX512_CORE"),
+        ("AVX512_CORE_VNNI", "AVX512_CORE_VNNI"),
+        ("AVX512_CORE_BF16", ""),
+        ("AVX512_CORE_AMX", ""),
+        ("ALL", ""),
+        (None, ""),
+    ],
+)
+def test_onednn_limit_reads_the_variable(value, expected):
+    environ = {} if value is None else {"ONEDNN_MAX_CPU_ISA": value}
+    assert hardware.onednn_limit(environ) == expected
+
+
+@pytest.mark.skipif(
+    not hardware.cpu_bf16_flags(), reason="needs a CPU with bfloat16 flags"
+)
+def test_bfloat16_convolution_fails_under_an_avx2_onednn_limit():
+    """Why the limit decides: on this bfloat16 CPU, TensorFlow's oneDNN
+    cannot build a bfloat16 convolution when held to AVX2, and can
+    without the limit."""
+    script = (
+        "import tensorflow as tf\n"
+        "x = tf.ones((1, 8, 8, 3), tf.bfloat16)\n"
+        "w = tf.ones((3, 3, 3, 4), tf.bfloat16)\n"
+        "y = tf.cast(tf.nn.conv2d(x, w, 1, 'SAME'), tf.float32)\n"
+        "print(float(tf.reduce_sum(y)))\n"
+    )
+
+    def run(limit):
+        environ = {
+            k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"
+        }
+        if limit:
+            environ["ONEDNN_MAX_CPU_ISA"] = limit
+        return subprocess.run(
+            [sys.executable, "-c", script],
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    held = run("AVX2")
+    assert held.returncode != 0
+    assert "could not create a primitive descriptor" in held.stderr
+    free = run("")
+    assert free.returncode == 0, free.stderr[-2000:]
+    # 8x8 SAME, 3x3x3 ones: interior 27, edges 18, corners 12, x4 filters.
+    assert float(free.stdout.split()[-1]) == 4 * (36 * 27 + 24 * 18 + 4 * 12)
 
 
 def test_auto_precision_logs_why(caplog):
