@@ -198,3 +198,21 @@ def test_bfloat16_rows_are_compared_with_the_bfloat16_matmul(
     throughput, configuration, expected
 ):
     assert throughput._is_bfloat16(configuration) is expected
+
+
+@pytest.mark.parametrize(
+    "limit, cpu_bf16, expected",
+    [
+        ("", ("avx512_bf16",), ["bfloat16", "float32"]),
+        ("AVX2", (), ["bfloat16", "float32"]),
+        # TensorFlow's bfloat16 matmul aborts there (tests/test_runtime.py).
+        ("AVX2", ("avx512_bf16",), ["float32"]),
+    ],
+)
+def test_matmul_dtypes_leave_out_bfloat16_under_an_onednn_cap(
+    throughput, monkeypatch, limit, cpu_bf16, expected
+):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    monkeypatch.setattr(throughput.hardware, "cpu_bf16_flags", lambda: cpu_bf16)
+    configurations = [{"precision": "float32"}, {"mode": "bf16_channels_last"}]
+    assert throughput._matmul_dtypes(configurations) == expected
