@@ -30,8 +30,22 @@ from collections.abc import Mapping
 
 import numpy as np
 
-GR_REFERENCE_DIR = os.environ.get(
-    "GR_REFERENCE_DIR", "/work/shared/reference/google-research-simclr-tf2"
+# GR's tf2/ folder: $GR_REFERENCE_DIR, else ../shared/reference beside the
+# checkout, else the same folder where the project's own checkout lives
+# (/work/main beside /work/shared: CI's clean clones sit elsewhere).
+_GR_FOLDER = os.path.join("shared", "reference", "google-research-simclr-tf2")
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_GR_CANDIDATES = [
+    os.path.join(os.path.dirname(_CHECKOUT), _GR_FOLDER),
+    os.path.join(os.sep, "work", _GR_FOLDER),
+]
+GR_REFERENCE_DIR = os.environ.get("GR_REFERENCE_DIR") or next(
+    (
+        folder
+        for folder in _GR_CANDIDATES
+        if os.path.isfile(os.path.join(folder, "model.py"))
+    ),
+    _GR_CANDIDATES[0],
 )
 # GR flags the harness sets unless the caller does: no TPU, no blur (its
 # random kernel would make the training step depend on the seed), and BN
