@@ -239,7 +239,9 @@ def resolve_precision(
     mixed_float16 on 7.x GPUs (float16 tensor cores only); float32 on older
     GPUs (Keras: no mixed-precision speed-up below 7.0). CPUs: bfloat16
     where the CPU has AVX-512 BF16 or AMX (measured faster,
-    benchmarks/RESULTS.md), else float32. Logs the choice and why.
+    benchmarks/RESULTS.md), else float32; float32 too when
+    ONEDNN_MAX_CPU_ISA holds oneDNN below bfloat16 on such a CPU (oneDNN
+    then cannot build a bfloat16 convolution). Logs the choice and why.
 
     Args:
       precision: --precision (auto, float32, mixed_bfloat16, mixed_float16).
@@ -248,6 +250,10 @@ def resolve_precision(
 
     Returns:
       The policy name.
+
+    Raises:
+      ValueError: explicit mixed_bfloat16 on a bfloat16 CPU whose oneDNN
+        is held below bfloat16.
     """
     if precision == "mixed_float16" or precision == "float32":
         return precision
