@@ -163,7 +163,7 @@ def test_train_then_eval_writes_result_export_and_table(tmp_path, capsys):
         "raw pixels",
     ]
     prefixes = ("eval/online/", "eval/", "eval/random_init/", "eval/pixels/")
-    for row, prefix in zip(rows, prefixes):
+    for row, prefix in zip(rows, prefixes, strict=True):
         assert f"{100 * written[f'{prefix}top_1']:.2f}%" in row
     # TensorBoard event files for train and eval scalars, and the preview
     # grid of augmented views written once at the start of training.
