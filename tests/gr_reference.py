@@ -92,6 +92,36 @@ class Reference:
     info: dict
 
 
+def run_tf_keras(
+    command: list[str], work_dir: str, timeout: float, what: str
+) -> dict:
+    """Runs `command` with Keras 2 (TF_USE_LEGACY_KERAS=1) and returns the
+    info.json it wrote to work_dir.
+
+    Raises:
+      RuntimeError: the process failed (its stderr's tail is included).
+    """
+    environment = {
+        **os.environ,
+        "TF_USE_LEGACY_KERAS": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    done = subprocess.run(
+        command,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{what} failed ({done.returncode}):\n" + done.stderr[-4000:]
+        )
+    with open(os.path.join(work_dir, "info.json")) as file:
+        return json.load(file)
+
+
 def skip_reason() -> str | None:
     """Why GR's code cannot run here, or None when it can."""
     if not os.path.isfile(os.path.join(GR_REFERENCE_DIR, "model.py")):
@@ -163,26 +193,7 @@ def build_reference(
         f"--model_dir={model_dir}",
         *(f"--{name}={value}" for name, value in flags.items()),
     ]
-    environment = {
-        **os.environ,
-        "TF_USE_LEGACY_KERAS": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
-    done = subprocess.run(
-        command,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"GR reference run failed ({done.returncode}):\n"
-            + done.stderr[-4000:]
-        )
-    with open(os.path.join(work_dir, "info.json")) as file:
-        info = json.load(file)
+    info = run_tf_keras(command, work_dir, timeout, "GR reference run")
     return Reference(
         model_dir=model_dir,
         saved_model_dir=info["saved_model_dir"],

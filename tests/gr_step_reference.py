@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -115,25 +114,7 @@ def run_steps(
         f"--model_dir={os.path.join(work_dir, 'gr_model_dir')}",
         *(f"--{name}={value}" for name, value in flags.items()),
     ]
-    environment = {
-        **os.environ,
-        "TF_USE_LEGACY_KERAS": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
-    done = subprocess.run(
-        command,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"GR step run failed ({done.returncode}):\n" + done.stderr[-4000:]
-        )
-    with open(os.path.join(work_dir, "info.json")) as file:
-        info = json.load(file)
+    info = gr_reference.run_tf_keras(command, work_dir, timeout, "GR step run")
     return StepReference(
         before_prefix=info.pop("before_prefix"),
         after_prefix=info.pop("after_prefix"),
