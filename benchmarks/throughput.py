@@ -319,7 +319,7 @@ def _matmul_dtypes(configurations: list[dict[str, object]]) -> list[str]:
     dtypes = {
         "bfloat16" if _is_bfloat16(c) else "float32" for c in configurations
     }
-    if hardware.onednn_limit(os.environ) and hardware.cpu_bf16_flags():
+    if hardware.detect(gpus=()).cpu_bf16_held_back:
         dtypes.discard("bfloat16")
     return sorted(dtypes)
 

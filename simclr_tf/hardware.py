@@ -123,6 +123,12 @@ class Hardware:
     onednn_limit: str = ""
 
     @property
+    def cpu_bf16_held_back(self) -> bool:
+        """The CPU has bfloat16, but ONEDNN_MAX_CPU_ISA keeps oneDNN below
+        it: TensorFlow's bfloat16 convolutions and matmuls then abort."""
+        return bool(self.cpu_bf16) and bool(self.onednn_limit)
+
+    @property
     def hidden_gpu(self) -> bool:
         """An NVIDIA GPU is present but TensorFlow sees none."""
         return bool(self.nvidia_driver) and not self.gpus

@@ -307,8 +307,7 @@ def _cpu_bfloat16_disabled(
     return (
         strategy_name != "tpu"
         and not hardware.gpus
-        and bool(hardware.cpu_bf16)
-        and bool(hardware.onednn_limit)
+        and hardware.cpu_bf16_held_back
     )
 
 

@@ -213,6 +213,8 @@ def test_matmul_dtypes_leave_out_bfloat16_under_an_onednn_cap(
     throughput, monkeypatch, limit, cpu_bf16, expected
 ):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
-    monkeypatch.setattr(throughput.hardware, "cpu_bf16_flags", lambda: cpu_bf16)
+    monkeypatch.setattr(
+        throughput.hardware, "cpu_bf16_flags", lambda root="/": cpu_bf16
+    )
     configurations = [{"precision": "float32"}, {"mode": "bf16_channels_last"}]
     assert throughput._matmul_dtypes(configurations) == expected
