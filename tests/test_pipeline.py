@@ -6,6 +6,7 @@ the tfds path runs under tfds.testing.mock_data only (never the network).
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import keras
@@ -126,6 +127,43 @@ def test_pretrain_input_fn_different_seeds_differ(seeded_batches):
     other = pretrain_batches(indexed_source()[0], 2, seed=1, blur=True)
     for a, b in zip(seeded_batches, other, strict=False):
         assert not np.array_equal(a["view1"], b["view1"])
+
+
+def _latest_compiled_stage(make_input_fn, **changes) -> object:
+    """The compiled stage a pipeline built with `changes` uses."""
+    arguments = {"global_batch_size": 4, "image_size": SIZE, "seed": 0}
+    make_input_fn(tiny_source(), **{**arguments, **changes})(
+        tf.distribute.InputContext()
+    )
+    # The stage just built or reused is the most recently used entry.
+    return next(reversed(pipeline._COMPILED.values()))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"image_size": 8},
+        {"crop_min_area": 0.5},
+        {"color_jitter_strength": 1.0},
+        {"blur": True},
+        {"brightness_impl": "v1"},
+        {"augment_on_device": True},
+    ],
+)
+def test_pipelines_share_compiled_stages_only_with_equal_parameters(change):
+    """Equal augmentation parameters reuse one tf.function (XLA compiles it
+    once per process); any parameter that changes the views gets its own.
+    The seed is data, not a parameter: it shares."""
+    pretrain = functools.partial(
+        pipeline.pretrain_input_fn, color_jitter_strength=0.5, blur=False
+    )
+    reference = _latest_compiled_stage(pretrain)
+    assert _latest_compiled_stage(pretrain) is reference
+    assert _latest_compiled_stage(pretrain, seed=5) is reference
+    assert _latest_compiled_stage(pretrain, **change) is not reference
+    finetune = pipeline.finetune_input_fn
+    assert _latest_compiled_stage(finetune) is not reference
+    assert _latest_compiled_stage(finetune) is _latest_compiled_stage(finetune)
 
 
 def test_training_input_fn_per_replica_batch():
