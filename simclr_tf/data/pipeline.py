@@ -55,7 +55,7 @@ def _compiled(key: Hashable, function: Callable) -> Callable:
     if key in _COMPILED:
         _COMPILED.move_to_end(key)
         return _COMPILED[key]
-    compiled = tf.function(function, jit_compile=True)
+    compiled = tf.function(function, jit_compile=True, autograph=False)
     _COMPILED[key] = compiled
     if len(_COMPILED) > _COMPILED_KEPT:
         _COMPILED.popitem(last=False)

@@ -191,11 +191,15 @@ def fill(
         batch = _full(batch, split.batch)
         bank.write(offset, {**rows_of(batch), "label": batch["label"]})
 
+    # The replica step is plain graph code: autograph need not rewrite the
+    # encoder's Python (see train_step.make_train_loop).
+    unconverted = tf.autograph.experimental.do_not_convert(replica_step)
+
     @tf.function
     def run(iterator: object, first: tf.Tensor, steps: tf.Tensor) -> None:
         for index in tf.range(steps):
             offset = (first + index) * split.batch
-            strategy.run(replica_step, (next(iterator), offset))
+            strategy.run(unconverted, (next(iterator), offset))
 
     iterator = iter(split.dataset)
     started = time.time()
@@ -233,7 +237,7 @@ def stream(
         batch = _full(batch, split.batch)
         return {**rows_of(batch), "label": tf.cast(batch["label"], tf.int32)}
 
-    @tf.function
+    @tf.function(autograph=False)
     def run(iterator: object) -> dict:
         return strategy.run(replica_step, (next(iterator),))
 

@@ -90,7 +90,9 @@ def extract_features(
         ValueError: if the dataset is empty or not batched dicts, or
             feature_key is not an output name.
     """
-    encode = tf.function(_as_encode_fn(encode_fn), reduce_retracing=True)
+    encode = tf.function(
+        _as_encode_fn(encode_fn), reduce_retracing=True, autograph=False
+    )
 
     def to_features(images: tf.Tensor) -> tf.Tensor:
         return _select_features(encode(images), feature_key)
@@ -157,7 +159,9 @@ def recalibrate_batch_norm(
     for layer in layers:
         layer.momentum = 0.0
     forward = tf.function(
-        lambda images: model(images, training=True), reduce_retracing=True
+        lambda images: model(images, training=True),
+        reduce_retracing=True,
+        autograph=False,
     )
     sums = [(0.0, 0.0) for _ in layers]
     seen = 0
