@@ -65,7 +65,7 @@ def standardization(
             [tf.reduce_sum(rows * real, 0), [tf.reduce_sum(real)]], 0
         )
 
-    @tf.function
+    @tf.function(autograph=False)
     def totals(mean: tf.Tensor) -> tf.Tensor:
         def second(rows, real):
             deviations = tf.square(rows - mean) * real
@@ -177,15 +177,20 @@ def train_on_bank(
             replicas,
         )
 
+    # Autograph for the loop only (as in training.train_step): the replica
+    # functions are plain graph code, not rewritten per evaluation.
     @tf.function
     def run_epoch(epoch: tf.Tensor) -> None:
-        orders = strategy.run(permute, (epoch,))
+        orders = strategy.run(_unconverted(permute), (epoch,))
         for index in tf.range(steps):
-            strategy.run(replica_step, (orders, index))
+            strategy.run(_unconverted(replica_step), (orders, index))
 
     for epoch in range(epochs):
         run_epoch(tf.constant(epoch, tf.int64))
     return Trained(mean=mean_t, std=std_t, kernel=kernel, bias=bias)
+
+
+_unconverted = tf.autograph.experimental.do_not_convert
 
 
 @dataclasses.dataclass(frozen=True)

@@ -127,6 +127,9 @@ class Source:
             for reason, paths in self.skipped.items()
         }
 
+    # Plain graph code: tf.data need not rewrite it with autograph (see
+    # pipeline._unconverted).
+    @tf.autograph.experimental.do_not_convert
     def dataset(
         self,
         input_context: tf.distribute.InputContext | None = None,
