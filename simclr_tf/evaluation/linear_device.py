@@ -23,6 +23,9 @@ from simclr_tf.evaluation import banks, linear
 
 # Constant features (train std below this) are centred, not scaled.
 _MIN_STD = 1e-6
+# Replica functions called from a loop that autograph rewrites are plain
+# graph code: not rewritten with it.
+_unconverted = tf.autograph.experimental.do_not_convert
 
 
 def _sum_over_rows(bank: banks.Bank, chunk: int, row_sum) -> tf.Tensor:
@@ -177,8 +180,7 @@ def train_on_bank(
             replicas,
         )
 
-    # Autograph for the loop only (as in training.train_step): the replica
-    # functions are plain graph code, not rewritten per evaluation.
+    # Autograph for the loop only, as in training.train_step.
     @tf.function
     def run_epoch(epoch: tf.Tensor) -> None:
         orders = strategy.run(_unconverted(permute), (epoch,))
@@ -188,9 +190,6 @@ def train_on_bank(
     for epoch in range(epochs):
         run_epoch(tf.constant(epoch, tf.int64))
     return Trained(mean=mean_t, std=std_t, kernel=kernel, bias=bias)
-
-
-_unconverted = tf.autograph.experimental.do_not_convert
 
 
 @dataclasses.dataclass(frozen=True)
