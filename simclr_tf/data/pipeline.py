@@ -62,6 +62,18 @@ def _compiled(key: Hashable, function: Callable) -> Callable:
     return compiled
 
 
+def _unconverted(build: Callable) -> Callable:
+    """`build` with autograph off in every tf.data function it makes.
+
+    tf.data rewrites a map function with autograph unless it is made in a
+    context that turns autograph off. Ours are plain graph code (no
+    Python `if` or loop over tensors), and rewriting them, with every
+    function they call, cost each new pipeline ~0.5 s before its first
+    element.
+    """
+    return tf.autograph.experimental.do_not_convert(build)
+
+
 def _augment_and_batch(
     examples: tf.data.Dataset,
     batch_size: int,
@@ -336,18 +348,6 @@ def _training_input_fn(
         return _finish(data, seed)
 
     return _unconverted(input_fn)
-
-
-def _unconverted(build: Callable) -> Callable:
-    """`build` with autograph off in every tf.data function it makes.
-
-    tf.data rewrites a map function with autograph unless it is made in a
-    context that turns autograph off. Ours are plain graph code (no
-    Python `if` or loop over tensors), and rewriting them, with every
-    function they call, cost each new pipeline ~0.5 s before its first
-    element.
-    """
-    return tf.autograph.experimental.do_not_convert(build)
 
 
 @_unconverted
