@@ -43,11 +43,13 @@ import common  # noqa: E402
 # The issue's target: each gradient at >= 80% of the forward conv's rate.
 TARGET_FRACTION_OF_FORWARD = 0.8
 _RESULT_PREFIX = "CONV_GRADIENTS_RESULT "
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 _MODELS = flags.DEFINE_list("models", list(common.MODELS), "Models.")
 _PRECISIONS = flags.DEFINE_list(
-    "precisions", ["float32", "bfloat16"], "Conv dtypes: float32, bfloat16."
+    "precisions",
+    ["float32", "bfloat16"],
+    "Conv dtypes: float32, bfloat16, float16.",
 )
 _BATCH = flags.DEFINE_integer(
     "batch", 512, "Images per conv (a train step: 2 views x its batch)."
@@ -283,15 +285,17 @@ def run_worker(spec: dict[str, object]) -> dict[str, object]:
     return {"rows": rows, "matmul_flops_per_second": rate}
 
 
-def totals(rows: list[dict], matmul: float) -> dict[str, dict[str, float]]:
+def totals(
+    rows: list[dict], matmul: float, precision: str = "float32"
+) -> dict[str, dict[str, float]]:
     """Whole-model figures: every conv layer once (a shape counts once per
     layer), each gradient's FLOPs over its summed time, as a fraction of
     the forward's rate and of the matmul's. The stem's input gradient is
     left out (never computed in training).
 
     Selections: "tensorflow" (TensorFlow's kernels), "chosen" (the methods
-    simclr_tf.models.conv.METHODS picks) and "best" (the fastest method of
-    each shape here).
+    simclr_tf.models.conv.methods_for picks in `precision`) and "best" (the
+    fastest method of each shape here).
     """
     from simclr_tf.models import conv
 
@@ -316,7 +320,9 @@ def totals(rows: list[dict], matmul: float) -> dict[str, dict[str, float]]:
     for index, kind in enumerate(("input", "filter")):
 
         def chosen(row: dict, index: int = index, kind: str = kind) -> str:
-            methods = conv.methods_for(row["kernel"], row["stride"])
+            methods = conv.methods_for(
+                row["kernel"], row["stride"], _DTYPES[precision]
+            )
             return f"{kind}_{methods[index]}"
 
         def best(row: dict, kind: str = kind) -> str:
@@ -367,7 +373,9 @@ def _print_table(model: str, precision: str, result: dict) -> None:
             else " " * 9
             for n in names
         ]
-        chosen = "/".join(conv.methods_for(row["kernel"], row["stride"]))
+        chosen = "/".join(
+            conv.methods_for(row["kernel"], row["stride"], _DTYPES[precision])
+        )
         print(
             f"{label:34s} {row['flops'] / 1e9:6.2f} {forward:6.2f} "
             + " ".join(cells)
@@ -425,7 +433,7 @@ def _run(model: str, precision: str, methods: list[str]) -> dict:
     )
     if "error" not in result:
         matmul = result["matmul_flops_per_second"]
-        result["totals"] = totals(result["rows"], matmul)
+        result["totals"] = totals(result["rows"], matmul, precision)
     return result
 
 

@@ -111,6 +111,24 @@ def test_bfloat16_gradients_are_within_bfloat16_rounding(shape, methods):
         _assert_close(theirs, want, tolerance=2**-7)
 
 
+@pytest.mark.parametrize("shape", RESNET_SHAPES, ids=str)
+def test_float16_gradients_are_within_float16_rounding(shape):
+    """float16 on a CPU: the default methods (the filter gradient never
+    TensorFlow's kernel) against the float32 autodiff of the same values."""
+    x, kernel, dy = _tensors(shape, tf.float16)
+    up = [tf.cast(t, tf.float32) for t in (x, kernel, dy)]
+    expected = _reference(shape, *up)
+    actual = _gradients(_custom(shape), x, kernel, dy)
+    tensorflow = _reference(shape, x, kernel, dy)
+    for got, want, theirs in zip(actual, expected, tensorflow, strict=True):
+        assert got.dtype == tf.float16
+        # float16 keeps 11 significant bits: one rounding of a float32-
+        # accumulated result costs up to 2^-12 of the entry. 2^-10 of the
+        # largest entry bounds TensorFlow's own float16 gradient too.
+        _assert_close(got, want, tolerance=2**-10)
+        _assert_close(theirs, want, tolerance=2**-10)
+
+
 def test_gradients_under_jit_compile_equal_autodiff():
     shape = (9, 9, 3, 2, "VALID")
     x, kernel, dy = _tensors(shape)
@@ -222,9 +240,21 @@ def test_layer_traces_the_path_gradient_path_chooses():
     # CPU: the stride-1 input gradient is a forward conv (METHODS), the
     # filter gradient TensorFlow's kernel; under XLA both are TensorFlow's.
     assert conv.methods_for(3, 1) == ("conv", "tensorflow")
+    # float16: no Conv2DBackpropFilter (Eigen's float16 kernel is slow).
+    assert conv.methods_for(3, 1, tf.float16) == ("conv", "swapped")
+    assert conv.methods_for(1, 2, "float16") == ("tensorflow", "patches")
+    assert conv.methods_for(3, 2, "float16") == ("tensorflow", "swapped")
+    assert conv.methods_for(3, 2, tf.bfloat16) == ("tensorflow", "tensorflow")
     custom = _gradient_op_types(jit_compile=False)
     assert "Conv2DBackpropInput" not in custom
     assert "Conv2DBackpropFilter" in custom
+    compiled = _gradient_op_types(jit_compile=True)
+    assert {"Conv2DBackpropInput", "Conv2DBackpropFilter"} <= compiled
+    # mixed_float16 (conftest restores float32): on a CPU the filter
+    # gradient is a forward conv too; a GPU or XLA keeps its own kernels.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    custom = _gradient_op_types(jit_compile=False)
+    assert not {"Conv2DBackpropInput", "Conv2DBackpropFilter"} & custom
     compiled = _gradient_op_types(jit_compile=True)
     assert {"Conv2DBackpropInput", "Conv2DBackpropFilter"} <= compiled
 

@@ -35,6 +35,15 @@ DEFAULT_METHODS = {
     2: ("tensorflow", "tensorflow"),
 }
 _TENSORFLOW_METHODS = ("tensorflow", "tensorflow")
+# float16 on a CPU (a GPU recipe tried on a laptop, the float16 tests):
+# TensorFlow's Conv2DBackpropFilter has no oneDNN kernel in float16, and
+# its Eigen kernel ran at under 1% of the forward conv's rate on the demo
+# model's shapes. The filter gradient is then one matmul for a 1x1 kernel
+# ("patches") and one forward conv otherwise ("swapped"), at 23-100% of
+# the forward's rate, with the same float32 accumulation
+# (benchmarks/RESULTS.md, "float16 on CPUs").
+FLOAT16_FILTER_METHODS = {1: "patches"}
+FLOAT16_DEFAULT_FILTER_METHOD = "swapped"
 PADDINGS = ("SAME", "VALID")
 # Name scopes of the custom gradients' ops (benchmarks/op_profile.py).
 INPUT_GRADIENT_SCOPE = "conv_input_gradient"
@@ -74,11 +83,19 @@ def _scope_device() -> str:
     return tf.no_op(name="device_probe").device
 
 
-def methods_for(kernel_size: int, stride: int) -> tuple[str, str]:
-    """(input, filter) gradient methods for a square conv (see METHODS)."""
-    if (kernel_size, stride) in METHODS:
-        return METHODS[kernel_size, stride]
-    return DEFAULT_METHODS.get(stride, _TENSORFLOW_METHODS)
+def methods_for(
+    kernel_size: int, stride: int, dtype: tf.DType = tf.float32
+) -> tuple[str, str]:
+    """(input, filter) gradient methods for a square conv (see METHODS);
+    in float16 the filter gradient is never TensorFlow's kernel."""
+    methods = METHODS.get(
+        (kernel_size, stride), DEFAULT_METHODS.get(stride, _TENSORFLOW_METHODS)
+    )
+    if tf.as_dtype(dtype) == tf.float16 and methods[1] == "tensorflow":
+        return methods[0], FLOAT16_FILTER_METHODS.get(
+            kernel_size, FLOAT16_DEFAULT_FILTER_METHOD
+        )
+    return methods
 
 
 def conv2d(
@@ -136,7 +153,11 @@ def conv2d(
     cols = conv_gradients.axis(inputs.shape[2], kw, stride_w, padding)
     if methods is None:
         square = kh == kw and stride_h == stride_w
-        methods = methods_for(kh, stride_h) if square else _TENSORFLOW_METHODS
+        methods = (
+            methods_for(kh, stride_h, inputs.dtype)
+            if square
+            else _TENSORFLOW_METHODS
+        )
     if tuple(methods) == _TENSORFLOW_METHODS:
         return tf.nn.conv2d(inputs, kernel, (stride_h, stride_w), padding)
     input_method, filter_method = methods
