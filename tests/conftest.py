@@ -7,10 +7,45 @@ ask for a strategy runs on the first device as usual.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _persist_xla_executables() -> str:
+    """XLA executables are kept on disk for this run's later processes.
+
+    Every new process compiles the augmentation (and, with jit_compile, the
+    step) again: ~2.5 s a process here. TensorFlow's persistent cache keys
+    an executable by its whole HLO and reads it back only if the HLO is
+    equal, so a hit runs what a compile would have produced. One directory
+    per pytest run and xdist worker (the processes one worker starts run
+    one after another; tests that start processes side by side give each
+    its own), set before TensorFlow reads TF_XLA_FLAGS; subprocesses
+    inherit it.
+    """
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    directory = os.path.join(
+        tempfile.gettempdir(), f"simclr_tf_tests_xla_{run}", worker
+    )
+    flag = f"--tf_xla_persistent_cache_directory={directory}"
+    os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} {flag}"
+    return directory
+
+
+_XLA_CACHE = _persist_xla_executables()
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+    with contextlib.suppress(OSError):  # another worker's is still there
+        os.rmdir(os.path.dirname(_XLA_CACHE))
+
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

@@ -106,6 +106,11 @@ def _run_workers(
             "TF_CONFIG": json.dumps(
                 {"cluster": cluster, "task": {"type": "worker", "index": index}}
             ),
+            # The two workers compile the same programs at the same moment:
+            # each keeps its XLA executables in its own directory (conftest).
+            "TF_XLA_FLAGS": (
+                f"--tf_xla_persistent_cache_directory={root}/xla{index}"
+            ),
         }
         command = [sys.executable, str(driver), model_dir, outputs[-1]]
         with open(log_paths[-1], "w") as log:
