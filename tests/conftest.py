@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
+import math
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -39,6 +42,18 @@ def _persist_xla_executables() -> str:
 
 
 _XLA_CACHE = _persist_xla_executables()
+
+
+FILE_SECONDS = pathlib.Path(__file__).with_name("file_seconds.json")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest test files first (tests/file_seconds.py), each file's
+    tests in their own order; a file not measured yet counts as longest.
+    With xdist's reordering off (pyproject), `--dist loadfile` then ends
+    on short files on both workers."""
+    seconds = json.loads(FILE_SECONDS.read_text())
+    items.sort(key=lambda item: -seconds.get(item.path.name, math.inf))
 
 
 def pytest_unconfigure(config):
