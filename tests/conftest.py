@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import math
 import os
 import pathlib
@@ -65,6 +66,7 @@ def pytest_unconfigure(config):
 import keras  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 
 NUM_VIRTUAL_CPUS = 4
 
@@ -72,6 +74,10 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_VIRTUAL_CPUS
 )
+# Initialised now, so the split is final: a test whose run applies
+# --num_virtual_cpus=2 before any op would otherwise leave 2 devices to the
+# worker's later tests (test_runtime's 4-replica strategy then failed).
+assert len(tf.config.list_logical_devices("CPU")) == NUM_VIRTUAL_CPUS
 
 
 _GC_EVERY = 25
@@ -102,6 +108,20 @@ def _fresh_keras_state():
     keras.utils.set_random_seed(0)
     yield
     keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture(autouse=True)
+def _absl_logs_reach_caplog():
+    """Each test starts with absl's logger passing INFO on to pytest.
+
+    flags.FLAGS.unparse_flags() (the flag-parsing tests) resets --verbosity
+    to its default, -1, and absl then sets its logger to WARNING for the
+    rest of the process: a later test in the same xdist worker that reads
+    an INFO line through caplog saw nothing (CI, test_runtime after
+    test_gr_flags).
+    """
+    absl_logging.get_absl_logger().setLevel(logging.NOTSET)
+    yield
 
 
 def virtual_devices(count: int) -> list[str]:
