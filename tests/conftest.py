@@ -13,11 +13,24 @@ import json
 import logging
 import math
 import os
-import pathlib
 import shutil
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+_CACHE_FLAG = "--tf_xla_persistent_cache_directory"
+
+
+def xla_flags_caching_in(directory: str) -> str:
+    """TF_XLA_FLAGS as this process has them, with XLA's persistent cache
+    in `directory` instead of any other."""
+    kept = [
+        flag
+        for flag in os.environ.get("TF_XLA_FLAGS", "").split()
+        if not flag.startswith(f"{_CACHE_FLAG}=")
+    ]
+    return " ".join([*kept, f"{_CACHE_FLAG}={directory}"])
 
 
 def _persist_xla_executables() -> str:
@@ -37,15 +50,13 @@ def _persist_xla_executables() -> str:
     directory = os.path.join(
         tempfile.gettempdir(), f"simclr_tf_tests_xla_{run}", worker
     )
-    flag = f"--tf_xla_persistent_cache_directory={directory}"
-    os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} {flag}"
+    # xdist's controller loads this file too and its workers inherit its
+    # environment: each process replaces the directory, never adds one.
+    os.environ["TF_XLA_FLAGS"] = xla_flags_caching_in(directory)
     return directory
 
 
 _XLA_CACHE = _persist_xla_executables()
-
-
-FILE_SECONDS = pathlib.Path(__file__).with_name("file_seconds.json")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -53,7 +64,7 @@ def pytest_collection_modifyitems(config, items):
     tests in their own order; a file not measured yet counts as longest.
     With xdist's reordering off (pyproject), `--dist loadfile` then ends
     on short files on both workers."""
-    seconds = json.loads(FILE_SECONDS.read_text())
+    seconds = json.loads(file_seconds.OUTPUT.read_text())
     items.sort(key=lambda item: -seconds.get(item.path.name, math.inf))
 
 
@@ -63,6 +74,7 @@ def pytest_unconfigure(config):
         os.rmdir(os.path.dirname(_XLA_CACHE))
 
 
+import file_seconds  # noqa: E402
 import keras  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -77,7 +89,9 @@ tf.config.set_logical_device_configuration(
 # Initialised now, so the split is final: a test whose run applies
 # --num_virtual_cpus=2 before any op would otherwise leave 2 devices to the
 # worker's later tests (test_runtime's 4-replica strategy then failed).
-assert len(tf.config.list_logical_devices("CPU")) == NUM_VIRTUAL_CPUS
+_logical = tf.config.list_logical_devices("CPU")
+if len(_logical) != NUM_VIRTUAL_CPUS:
+    raise RuntimeError(f"conftest: {len(_logical)} logical CPUs, not 4")
 
 
 _GC_EVERY = 25

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import xla_flags_caching_in
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,9 +109,7 @@ def _run_workers(
             ),
             # The two workers compile the same programs at the same moment:
             # each keeps its XLA executables in its own directory (conftest).
-            "TF_XLA_FLAGS": (
-                f"--tf_xla_persistent_cache_directory={root}/xla{index}"
-            ),
+            "TF_XLA_FLAGS": xla_flags_caching_in(f"{root}/xla{index}"),
         }
         command = [sys.executable, str(driver), model_dir, outputs[-1]]
         with open(log_paths[-1], "w") as log:
