@@ -38,10 +38,11 @@ _TENSORFLOW_METHODS = ("tensorflow", "tensorflow")
 # float16 on a CPU (a GPU recipe tried on a laptop, the float16 tests):
 # TensorFlow's Conv2DBackpropFilter has no oneDNN kernel in float16, and
 # its Eigen kernel ran at under 1% of the forward conv's rate on the demo
-# model's shapes. The filter gradient is then one matmul for a 1x1 kernel
-# ("patches") and one forward conv otherwise ("swapped"), at 23-100% of
-# the forward's rate, with the same float32 accumulation
-# (benchmarks/RESULTS.md, "float16 on CPUs").
+# model's shapes. A square conv's filter gradient is then one matmul for a
+# 1x1 kernel ("patches") and one forward conv otherwise ("swapped"), at
+# 26-94% of the forward's rate on an AVX512-FP16 Xeon, within float16
+# rounding of the float32 result (benchmarks/RESULTS.md, "float16 on
+# CPUs"; tests/test_conv.py).
 FLOAT16_FILTER_METHODS = {1: "patches"}
 FLOAT16_DEFAULT_FILTER_METHOD = "swapped"
 PADDINGS = ("SAME", "VALID")
@@ -86,8 +87,17 @@ def _scope_device() -> str:
 def methods_for(
     kernel_size: int, stride: int, dtype: tf.DType = tf.float32
 ) -> tuple[str, str]:
-    """(input, filter) gradient methods for a square conv (see METHODS);
-    in float16 the filter gradient is never TensorFlow's kernel."""
+    """(input, filter) gradient methods for a square conv (see METHODS).
+
+    Args:
+      kernel_size: the kernel's height and width.
+      stride: the stride along both axes.
+      dtype: the conv's compute dtype; in float16 the filter gradient is
+        never TensorFlow's kernel (FLOAT16_FILTER_METHODS).
+
+    Returns:
+      (input method, filter method), names from conv_gradients.
+    """
     methods = METHODS.get(
         (kernel_size, stride), DEFAULT_METHODS.get(stride, _TENSORFLOW_METHODS)
     )
