@@ -275,7 +275,7 @@ def make_views(
             "must be >= 1; use e.g. 8 and 4."
         )
     # Traced once (per image shape): run eagerly, the augmentation's ~100
-    # ops per view took ~5 s of a small run's start-up.
+    # ops per view made 8 x 4 views take 3.5 s, traced 1.5 s.
     view_of = tf.function(
         lambda image, view_seed: augment.simclr_augment(
             image,
