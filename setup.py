@@ -39,7 +39,7 @@ setuptools.setup(
         "gpu": ["tensorflow[and-cuda]>=2.20,<2.22"],
         # The newest TPU build is 2.20; it brings libtpu from PyPI.
         "tpu": ["tensorflow-tpu>=2.20,<2.21"],
-        "test": ["pytest>=8", "pytest-xdist", "ruff"],
+        "test": ["pytest>=8", "pytest-xdist>=3.8", "ruff"],
     },
     entry_points={"console_scripts": ["simclr_tf=simclr_tf.cli:run_main"]},
 )
