@@ -113,8 +113,8 @@ def test_bfloat16_gradients_are_within_bfloat16_rounding(shape, methods):
 
 @pytest.mark.parametrize("shape", RESNET_SHAPES, ids=str)
 def test_float16_gradients_are_within_float16_rounding(shape):
-    """float16 on a CPU: the default methods (the filter gradient never
-    TensorFlow's kernel) against the float32 autodiff of the same values."""
+    """float16 on a CPU: the default methods (neither gradient TensorFlow's
+    kernel) against the float32 autodiff of the same values."""
     x, kernel, dy = _tensors(shape, tf.float16)
     up = [tf.cast(t, tf.float32) for t in (x, kernel, dy)]
     expected = _reference(shape, *up)
@@ -249,16 +249,19 @@ def test_layer_traces_the_path_gradient_path_chooses():
 
 
 @pytest.mark.parametrize("shape", RESNET_SHAPES, ids=str)
-def test_float16_filter_gradient_is_never_tensorflows_kernel(shape):
-    """Eigen's float16 Conv2DBackpropFilter runs at <1% of the forward's
-    rate: in float16 every ResNet conv's filter gradient is a matmul or a
-    forward conv; the input gradient and the other dtypes are as before."""
+def test_float16_gradients_are_never_tensorflows_kernels(shape):
+    """TensorFlow's float16 gradient kernels run at 0.2-10% of the forward's
+    rate on CPUs: in float16 every ResNet conv's gradients are matmuls or
+    forward convs; a method the float32 path already chose stays, and the
+    other dtypes are as before."""
     _, _, kernel_size, stride, _ = shape
     float32 = conv.methods_for(kernel_size, stride)
     float16 = conv.methods_for(kernel_size, stride, tf.float16)
-    assert float16[0] == float32[0]
+    assert float16[0] in conv_gradients.INPUT_METHODS
     assert float16[1] in conv_gradients.FILTER_METHODS
-    assert float16[1] != "tensorflow"
+    assert "tensorflow" not in float16
+    for ours, theirs in zip(float16, float32, strict=True):
+        assert theirs == "tensorflow" or ours == theirs
     assert conv.methods_for(kernel_size, stride, tf.bfloat16) == float32
 
 

@@ -36,15 +36,19 @@ DEFAULT_METHODS = {
 }
 _TENSORFLOW_METHODS = ("tensorflow", "tensorflow")
 # float16 on a CPU (a GPU recipe tried on a laptop, the float16 tests):
-# TensorFlow's Conv2DBackpropFilter has no oneDNN kernel in float16, and
-# its Eigen kernel ran at under 1% of the forward conv's rate on the demo
-# model's shapes. A square conv's filter gradient is then one matmul for a
-# 1x1 kernel ("patches") and one forward conv otherwise ("swapped"), at
-# 26-94% of the forward's rate on an AVX512-FP16 Xeon, within float16
-# rounding of the float32 result (benchmarks/RESULTS.md, "float16 on
-# CPUs"; tests/test_conv.py).
+# TensorFlow's float16 Conv2DBackpropFilter has no oneDNN kernel and ran
+# at 0.2% of the forward conv's rate on the demo model's shapes; where
+# TensorFlow gives no float16 op to oneDNN (CPUs without AVX512-FP16),
+# both its gradient kernels ran at ~10%. In float16 a square conv's
+# filter gradient is therefore one matmul for a 1x1 kernel ("patches")
+# and one forward conv otherwise ("swapped"), and a strided input
+# gradient is forward convs over the stride's phases ("phases"): with the
+# stride-1 input gradient's forward conv, 0.49-0.91 of the forward's rate
+# on both kinds of CPU, within float16 rounding of the float32 result
+# (benchmarks/RESULTS.md, "float16 on CPUs"; tests/test_conv.py).
 FLOAT16_FILTER_METHODS = {1: "patches"}
 FLOAT16_DEFAULT_FILTER_METHOD = "swapped"
+FLOAT16_INPUT_METHOD = "phases"
 PADDINGS = ("SAME", "VALID")
 # Name scopes of the custom gradients' ops (benchmarks/op_profile.py).
 INPUT_GRADIENT_SCOPE = "conv_input_gradient"
@@ -92,8 +96,8 @@ def methods_for(
     Args:
       kernel_size: the kernel's height and width.
       stride: the stride along both axes.
-      dtype: the conv's compute dtype; in float16 the filter gradient is
-        never TensorFlow's kernel (FLOAT16_FILTER_METHODS).
+      dtype: the conv's compute dtype; in float16 neither gradient is
+        TensorFlow's kernel (FLOAT16_INPUT_METHOD, FLOAT16_FILTER_METHODS).
 
     Returns:
       (input method, filter method), names from conv_gradients.
@@ -101,11 +105,16 @@ def methods_for(
     methods = METHODS.get(
         (kernel_size, stride), DEFAULT_METHODS.get(stride, _TENSORFLOW_METHODS)
     )
-    if tf.as_dtype(dtype) == tf.float16 and methods[1] == "tensorflow":
-        return methods[0], FLOAT16_FILTER_METHODS.get(
+    if tf.as_dtype(dtype) != tf.float16:
+        return methods
+    input_method, filter_method = methods
+    if input_method == "tensorflow":
+        input_method = FLOAT16_INPUT_METHOD
+    if filter_method == "tensorflow":
+        filter_method = FLOAT16_FILTER_METHODS.get(
             kernel_size, FLOAT16_DEFAULT_FILTER_METHOD
         )
-    return methods
+    return input_method, filter_method
 
 
 def conv2d(
