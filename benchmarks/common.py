@@ -288,12 +288,14 @@ def cpu_model() -> str:
 
 
 def cpu_isa() -> dict[str, object]:
-    """The vector ISA oneDNN can use: the CPU's SIMD flags and the cap.
+    """The vector ISA oneDNN can use: the CPU's SIMD flags, the cap, and
+    whether TensorFlow's oneDNN ops are on.
 
     Returns:
       {"flags": sorted avx/fma/amx flags of /proc/cpuinfo, e.g. ["avx2",
       "avx512f", "fma"], "onednn_max_cpu_isa": $ONEDNN_MAX_CPU_ISA or
-      None (no cap)}.
+      None (no cap), "tf_enable_onednn_opts": $TF_ENABLE_ONEDNN_OPTS or
+      None (TensorFlow's default, on for x86)}.
     """
     flags: set[str] = set()
     try:
@@ -308,6 +310,7 @@ def cpu_isa() -> dict[str, object]:
     return {
         "flags": sorted(f for f in flags if f.startswith(prefixes)),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+        "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
     }
 
 

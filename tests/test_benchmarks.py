@@ -290,7 +290,11 @@ def test_conv_gradients_rows_flops_and_totals(tmp_path):
         "--clock=cpu",
     )
     _check_metadata(report)
-    assert set(report["cpu_isa"]) == {"flags", "onednn_max_cpu_isa"}
+    assert set(report["cpu_isa"]) == {
+        "flags",
+        "onednn_max_cpu_isa",
+        "tf_enable_onednn_opts",
+    }
     (result,) = report["results"]
     rows = result["rows"]
     # Every conv layer of ResNet-18 x0.25 (CIFAR stem) once: 1 stem, 16 in
