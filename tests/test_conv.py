@@ -124,10 +124,12 @@ def test_float16_gradients_are_within_float16_rounding(shape):
         assert got.dtype == tf.float16
         # float16 keeps 11 significant bits: one rounding of a float32-
         # accumulated result costs up to 2^-11 of the entry (~1 x 2^-11 of
-        # the largest entry measured here); 2^-10 = 2 x 2^-11 bounds
-        # TensorFlow's own float16 gradient too.
+        # the largest entry measured here); ours must stay within 2^-10.
+        # TensorFlow's own float16 kernels meet that with oneDNN's float16
+        # (AVX512-FP16) and err by up to ~2^-8 without it (Eigen's, on
+        # other CPUs): they are held to 2^-7 only, as a sanity check.
         _assert_close(got, want, tolerance=2**-10)
-        _assert_close(theirs, want, tolerance=2**-10)
+        _assert_close(theirs, want, tolerance=2**-7)
 
 
 def test_gradients_under_jit_compile_equal_autodiff():

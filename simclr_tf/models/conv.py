@@ -37,14 +37,15 @@ DEFAULT_METHODS = {
 _TENSORFLOW_METHODS = ("tensorflow", "tensorflow")
 # float16 on a CPU (a GPU recipe tried on a laptop, the float16 tests):
 # TensorFlow's float16 Conv2DBackpropFilter has no oneDNN kernel and ran
-# at 0.2% of the forward conv's rate on the demo model's shapes; where
+# at 0.3% of the forward conv's rate on the demo model's shapes; where
 # TensorFlow gives no float16 op to oneDNN (CPUs without AVX512-FP16),
 # both its gradient kernels ran at ~10%. In float16 a square conv's
 # filter gradient is therefore one matmul for a 1x1 kernel ("patches")
 # and one forward conv otherwise ("swapped"), and a strided input
-# gradient is forward convs over the stride's phases ("phases"): with the
-# stride-1 input gradient's forward conv, 0.49-0.91 of the forward's rate
-# on both kinds of CPU, within float16 rounding of the float32 result
+# gradient is forward convs over the stride's phases ("phases"): filter
+# gradients at 0.37-0.48 of the forward's rate, input gradients (with the
+# stride-1 forward conv) at 0.90-0.93 on both kinds of CPU, within one
+# float16 rounding of the float32 result
 # (benchmarks/RESULTS.md, "float16 on CPUs"; tests/test_conv.py).
 FLOAT16_FILTER_METHODS = {1: "patches"}
 FLOAT16_DEFAULT_FILTER_METHOD = "swapped"
