@@ -43,7 +43,7 @@ _TENSORFLOW_METHODS = ("tensorflow", "tensorflow")
 # filter gradient is therefore one matmul for a 1x1 kernel ("patches")
 # and one forward conv otherwise ("swapped"), and a strided input
 # gradient is forward convs over the stride's phases ("phases"): filter
-# gradients at 0.37-0.48 of the forward's rate, input gradients (with the
+# gradients at 0.37-0.47 of the forward's rate, input gradients (with the
 # stride-1 forward conv) at 0.90-0.93 on both kinds of CPU, within one
 # float16 rounding of the float32 result
 # (benchmarks/RESULTS.md, "float16 on CPUs"; tests/test_conv.py).
