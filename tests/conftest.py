@@ -91,7 +91,9 @@ tf.config.set_logical_device_configuration(
 # worker's later tests (test_runtime's 4-replica strategy then failed).
 _logical = tf.config.list_logical_devices("CPU")
 if len(_logical) != NUM_VIRTUAL_CPUS:
-    raise RuntimeError(f"conftest: {len(_logical)} logical CPUs, not 4")
+    raise RuntimeError(
+        f"conftest: {len(_logical)} logical CPUs, not {NUM_VIRTUAL_CPUS}"
+    )
 
 
 _GC_EVERY = 25
