@@ -50,6 +50,13 @@ TPU_VARIABLES = (
 # CPU flags (/proc/cpuinfo) with native bfloat16 arithmetic: AVX-512 BF16
 # (Cooper Lake, Zen 4+) and AMX (Sapphire Rapids+).
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# CPU flags with which TensorFlow hands bfloat16 ops to oneDNN (its
+# IsBF16SupportedByOneDNNOnThisCPU: AVX-512 F or AVX-NE-CONVERT). On other
+# CPUs (AVX2 only, Arm), and with TF_ENABLE_ONEDNN_OPTS=0, its Eigen kernels
+# run them, and Eigen's bfloat16 Conv2DBackpropFilter rounds its sums to
+# bfloat16: 2^-4.7 of the largest entry off on a 3x3 conv over 2 x 28 x 28
+# positions, against 2^-9.4 through oneDNN (tests/test_conv.py).
+ONEDNN_BF16_CPU_FLAGS = ("avx512f", "avx_ne_convert")
 
 # oneDNN's ISA levels below AVX512_CORE_BF16: ONEDNN_MAX_CPU_ISA set to one
 # of them keeps TensorFlow's oneDNN kernels off the CPU's bfloat16
@@ -274,11 +281,30 @@ def detect_nvidia_driver(root: str, environ: Mapping[str, str]) -> str:
 
 def cpu_bf16_flags(root: str = "/") -> tuple[str, ...]:
     """The CPU_BF16_FLAGS that /proc/cpuinfo lists (Linux; else none)."""
+    flags = _cpu_flags(root)
+    return tuple(flag for flag in CPU_BF16_FLAGS if flag in flags)
+
+
+def tensorflow_bf16_on_onednn(
+    root: str = "/", environ: Mapping[str, str] | None = None
+) -> bool:
+    """Whether TensorFlow runs bfloat16 ops on the CPU with oneDNN (not
+    Eigen): oneDNN on (TF_ENABLE_ONEDNN_OPTS not 0 or false) and a CPU
+    with one of ONEDNN_BF16_CPU_FLAGS."""
+    environ = os.environ if environ is None else environ
+    switch = environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower()
+    if switch in ("0", "false"):
+        return False
+    return any(flag in _cpu_flags(root) for flag in ONEDNN_BF16_CPU_FLAGS)
+
+
+def _cpu_flags(root: str) -> set[str]:
+    """The flags /proc/cpuinfo lists (Linux; else none)."""
     flags = set()
     for line in _read(os.path.join(root, "proc", "cpuinfo")).splitlines():
         if line.startswith("flags"):
             flags.update(line.partition(":")[2].split())
-    return tuple(flag for flag in CPU_BF16_FLAGS if flag in flags)
+    return flags
 
 
 def visible_gpus() -> tuple[GPU, ...]:

@@ -178,6 +178,30 @@ def test_cpu_bf16_flags(tmp_path, flags, expected):
     assert hardware.cpu_bf16_flags(str(tmp_path)) == expected
 
 
+@pytest.mark.parametrize(
+    ("flags", "environ", "expected"),
+    [
+        # Zen 4, Sapphire Rapids: AVX-512.
+        ("fpu avx2 avx512f avx512bw avx512_bf16", {}, True),
+        # Skylake-SP: AVX-512 without bfloat16 arithmetic still counts.
+        ("fpu avx2 avx512f avx512bw", {}, True),
+        # Arrow Lake and other AVX2 CPUs with AVX-NE-CONVERT.
+        ("fpu avx2 avx_vnni avx_ne_convert", {}, True),
+        # Zen 3: AVX2 only; Eigen runs bfloat16.
+        ("fpu sse2 avx2 fma", {}, False),
+        ("fpu avx2 avx512f", {"TF_ENABLE_ONEDNN_OPTS": "0"}, False),
+        ("fpu avx2 avx512f", {"TF_ENABLE_ONEDNN_OPTS": "False"}, False),
+        ("fpu avx2 avx512f", {"TF_ENABLE_ONEDNN_OPTS": "1"}, True),
+    ],
+)
+def test_tensorflow_bf16_on_onednn(tmp_path, flags, environ, expected):
+    cpuinfo = tmp_path / "proc" / "cpuinfo"
+    cpuinfo.parent.mkdir()
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    found = hardware.tensorflow_bf16_on_onednn(str(tmp_path), environ)
+    assert found is expected
+
+
 def test_cpu_bf16_flags_without_cpuinfo(tmp_path):
     assert hardware.cpu_bf16_flags(str(tmp_path)) == ()
 

@@ -229,7 +229,8 @@ def test_onednn_limit_reads_the_variable(value, expected):
 
 
 @pytest.mark.skipif(
-    not hardware.cpu_bf16_flags(), reason="needs a CPU with bfloat16 flags"
+    not (hardware.cpu_bf16_flags() and hardware.tensorflow_bf16_on_onednn()),
+    reason="needs a CPU with bfloat16 flags and oneDNN's bfloat16 kernels",
 )
 def test_bfloat16_convolution_fails_under_an_avx2_onednn_limit():
     """Why the limit decides: on this bfloat16 CPU, TensorFlow's oneDNN

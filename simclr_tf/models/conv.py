@@ -11,12 +11,14 @@ gradient kernels and `conv2d` is plain tf.nn.conv2d (`gradient_path`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
 import keras
 import tensorflow as tf
 
+from simclr_tf import hardware
 from simclr_tf.models import conv_gradients
 
 Path = Literal["custom", "tensorflow"]
@@ -39,17 +41,19 @@ _TENSORFLOW_METHODS = ("tensorflow", "tensorflow")
 # TensorFlow's float16 Conv2DBackpropFilter has no oneDNN kernel and ran
 # at 0.3% of the forward conv's rate on the demo model's shapes; where
 # TensorFlow gives no float16 op to oneDNN (CPUs without AVX512-FP16),
-# both its gradient kernels ran at ~10%. In float16 a square conv's
-# filter gradient is therefore one matmul for a 1x1 kernel ("patches")
-# and one forward conv otherwise ("swapped"), and a strided input
-# gradient is forward convs over the stride's phases ("phases"): filter
-# gradients at 0.37-0.47 of the forward's rate, input gradients (with the
-# stride-1 forward conv) at 0.90-0.93 on both kinds of CPU, within one
-# float16 rounding of the float32 result
-# (benchmarks/RESULTS.md, "float16 on CPUs"; tests/test_conv.py).
-FLOAT16_FILTER_METHODS = {1: "patches"}
-FLOAT16_DEFAULT_FILTER_METHOD = "swapped"
-FLOAT16_INPUT_METHOD = "phases"
+# both its gradient kernels ran at ~10%. bfloat16 where TensorFlow runs it
+# on Eigen (CPUs without AVX-512, hardware.tensorflow_bf16_on_onednn): its
+# Conv2DBackpropFilter sums in bfloat16 and ends 2^-4.7 of the largest
+# entry off. In these "half" cases a square conv's filter gradient is one
+# matmul for a 1x1 kernel ("patches") and one forward conv otherwise
+# ("swapped"), and a strided input gradient is forward convs over the
+# stride's phases ("phases"): in float16 filter gradients at 0.37-0.47 of
+# the forward's rate, input gradients (with the stride-1 forward conv) at
+# 0.90-0.93 on both kinds of CPU, within one rounding of the float32
+# result (benchmarks/RESULTS.md, "float16 on CPUs"; tests/test_conv.py).
+HALF_FILTER_METHODS = {1: "patches"}
+HALF_DEFAULT_FILTER_METHOD = "swapped"
+HALF_INPUT_METHOD = "phases"
 PADDINGS = ("SAME", "VALID")
 # Name scopes of the custom gradients' ops (benchmarks/op_profile.py).
 INPUT_GRADIENT_SCOPE = "conv_input_gradient"
@@ -97,8 +101,9 @@ def methods_for(
     Args:
       kernel_size: the kernel's height and width.
       stride: the stride along both axes.
-      dtype: the conv's compute dtype; in float16 neither gradient is
-        TensorFlow's kernel (FLOAT16_INPUT_METHOD, FLOAT16_FILTER_METHODS).
+      dtype: the conv's compute dtype; in float16, and in bfloat16 where
+        TensorFlow runs it on Eigen, neither gradient is TensorFlow's
+        kernel (HALF_INPUT_METHOD, HALF_FILTER_METHODS).
 
     Returns:
       (input method, filter method), names from conv_gradients.
@@ -106,16 +111,28 @@ def methods_for(
     methods = METHODS.get(
         (kernel_size, stride), DEFAULT_METHODS.get(stride, _TENSORFLOW_METHODS)
     )
-    if tf.as_dtype(dtype) != tf.float16:
+    if not _half(tf.as_dtype(dtype)):
         return methods
     input_method, filter_method = methods
     if input_method == "tensorflow":
-        input_method = FLOAT16_INPUT_METHOD
+        input_method = HALF_INPUT_METHOD
     if filter_method == "tensorflow":
-        filter_method = FLOAT16_FILTER_METHODS.get(
-            kernel_size, FLOAT16_DEFAULT_FILTER_METHOD
+        filter_method = HALF_FILTER_METHODS.get(
+            kernel_size, HALF_DEFAULT_FILTER_METHOD
         )
     return input_method, filter_method
+
+
+def _half(dtype: tf.DType) -> bool:
+    """float16, or bfloat16 that TensorFlow runs on Eigen (see above)."""
+    if dtype == tf.bfloat16:
+        return not _bf16_on_onednn()
+    return dtype == tf.float16
+
+
+@functools.cache
+def _bf16_on_onednn() -> bool:
+    return hardware.tensorflow_bf16_on_onednn()
 
 
 def conv2d(
