@@ -221,7 +221,6 @@ def test_short_pretraining_beats_the_random_init_encoder(tmp_path):
                 "linear_eval_epochs": 20,
                 "max_eval_examples": 1000,
                 "eval_reports": False,
-                "export": False,
                 "precision": "float32",
                 "seed": 0,
             }
