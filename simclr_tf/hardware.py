@@ -50,11 +50,21 @@ TPU_VARIABLES = (
 # CPU flags (/proc/cpuinfo) with native bfloat16 arithmetic: AVX-512 BF16
 # (Cooper Lake, Zen 4+) and AMX (Sapphire Rapids+).
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-# CPU flags with which TensorFlow hands bfloat16 ops to oneDNN (its
-# IsBF16SupportedByOneDNNOnThisCPU: AVX-512 F or AVX-NE-CONVERT). On other
-# CPUs (AVX2 only, Arm), and with TF_ENABLE_ONEDNN_OPTS=0, its Eigen kernels
-# run them, and Eigen's bfloat16 Conv2DBackpropFilter rounds its sums to
-# bfloat16: 2^-4.7 of the largest entry off on a 3x3 conv over 2 x 28 x 28
+# TensorFlow's oneDNN kernels are on by default (TF_ENABLE_ONEDNN_OPTS
+# unset) on Linux CPUs with one of these flags (its DefaultOneDnnPolicy);
+# on others, Zen 3 and other AVX2 CPUs among them, Eigen runs every op.
+ONEDNN_DEFAULT_CPU_FLAGS = (
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+# With oneDNN on, TensorFlow hands it bfloat16 ops only on CPUs with one of
+# these (its IsBF16SupportedByOneDNNOnThisCPU); otherwise Eigen runs them,
+# and Eigen's bfloat16 Conv2DBackpropFilter rounds its sums to bfloat16:
+# 2^-4.7 of the largest entry off on a 3x3 conv over 2 x 28 x 28
 # positions, against 2^-9.4 through oneDNN (tests/test_conv.py).
 ONEDNN_BF16_CPU_FLAGS = ("avx512f", "avx_ne_convert")
 
@@ -285,17 +295,32 @@ def cpu_bf16_flags(root: str = "/") -> tuple[str, ...]:
     return tuple(flag for flag in CPU_BF16_FLAGS if flag in flags)
 
 
+def tensorflow_onednn_enabled(
+    root: str = "/", environ: Mapping[str, str] | None = None
+) -> bool:
+    """Whether TensorFlow runs CPU ops with oneDNN rather than Eigen: as
+    TF_ENABLE_ONEDNN_OPTS says (1/true, 0/false), else by
+    ONEDNN_DEFAULT_CPU_FLAGS. Reads x86 flags only (an Arm Neoverse V1,
+    where TensorFlow's default is on too, reads as off)."""
+    environ = os.environ if environ is None else environ
+    switch = environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower()
+    if switch in ("1", "true"):
+        return True
+    if switch in ("0", "false"):
+        return False
+    flags = _cpu_flags(root)
+    return any(flag in flags for flag in ONEDNN_DEFAULT_CPU_FLAGS)
+
+
 def tensorflow_bf16_on_onednn(
     root: str = "/", environ: Mapping[str, str] | None = None
 ) -> bool:
     """Whether TensorFlow runs bfloat16 ops on the CPU with oneDNN (not
-    Eigen): oneDNN on (TF_ENABLE_ONEDNN_OPTS not 0 or false) and a CPU
-    with one of ONEDNN_BF16_CPU_FLAGS."""
-    environ = os.environ if environ is None else environ
-    switch = environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower()
-    if switch in ("0", "false"):
+    Eigen): oneDNN on and a CPU with one of ONEDNN_BF16_CPU_FLAGS."""
+    if not tensorflow_onednn_enabled(root, environ):
         return False
-    return any(flag in _cpu_flags(root) for flag in ONEDNN_BF16_CPU_FLAGS)
+    flags = _cpu_flags(root)
+    return any(flag in flags for flag in ONEDNN_BF16_CPU_FLAGS)
 
 
 def _cpu_flags(root: str) -> set[str]:

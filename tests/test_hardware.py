@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
 from simclr_tf import hardware
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _machine(root, files=(), pci=()) -> str:
@@ -178,28 +182,74 @@ def test_cpu_bf16_flags(tmp_path, flags, expected):
     assert hardware.cpu_bf16_flags(str(tmp_path)) == expected
 
 
-@pytest.mark.parametrize(
-    ("flags", "environ", "expected"),
-    [
-        # Zen 4, Sapphire Rapids: AVX-512.
-        ("fpu avx2 avx512f avx512bw avx512_bf16", {}, True),
-        # Skylake-SP: AVX-512 without bfloat16 arithmetic still counts.
-        ("fpu avx2 avx512f avx512bw", {}, True),
-        # Arrow Lake and other AVX2 CPUs with AVX-NE-CONVERT.
-        ("fpu avx2 avx_vnni avx_ne_convert", {}, True),
-        # Zen 3: AVX2 only; Eigen runs bfloat16.
-        ("fpu sse2 avx2 fma", {}, False),
-        ("fpu avx2 avx512f", {"TF_ENABLE_ONEDNN_OPTS": "0"}, False),
-        ("fpu avx2 avx512f", {"TF_ENABLE_ONEDNN_OPTS": "False"}, False),
-        ("fpu avx2 avx512f", {"TF_ENABLE_ONEDNN_OPTS": "1"}, True),
-    ],
-)
-def test_tensorflow_bf16_on_onednn(tmp_path, flags, environ, expected):
-    cpuinfo = tmp_path / "proc" / "cpuinfo"
+def _cpuinfo(root, flags: str) -> str:
+    cpuinfo = root / "proc" / "cpuinfo"
     cpuinfo.parent.mkdir()
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    found = hardware.tensorflow_bf16_on_onednn(str(tmp_path), environ)
-    assert found is expected
+    return str(root)
+
+
+ZEN3 = "fpu sse2 avx avx2 fma"
+SKYLAKE_SP = "fpu avx2 fma avx512f avx512bw avx512vl"
+CASCADE_LAKE = f"{SKYLAKE_SP} avx512_vnni"
+ZEN4 = f"{CASCADE_LAKE} avx512_bf16"
+SAPPHIRE_RAPIDS = f"{ZEN4} amx_bf16 amx_tile amx_int8 avx_vnni"
+ALDER_LAKE = "fpu avx2 fma avx_vnni"
+ARROW_LAKE = f"{ALDER_LAKE} avx_ne_convert"
+
+
+@pytest.mark.parametrize(
+    ("flags", "environ", "onednn", "bf16"),
+    [
+        (ZEN3, {}, False, False),
+        # AVX-512 without VNNI: oneDNN off by default, Eigen runs bfloat16.
+        (SKYLAKE_SP, {}, False, False),
+        (CASCADE_LAKE, {}, True, True),
+        (ZEN4, {}, True, True),
+        (SAPPHIRE_RAPIDS, {}, True, True),
+        # oneDNN on, but bfloat16 needs AVX-512 or AVX-NE-CONVERT.
+        (ALDER_LAKE, {}, True, False),
+        (ARROW_LAKE, {}, True, True),
+        (ZEN3, {"TF_ENABLE_ONEDNN_OPTS": "1"}, True, False),
+        (SKYLAKE_SP, {"TF_ENABLE_ONEDNN_OPTS": "true"}, True, True),
+        (ZEN4, {"TF_ENABLE_ONEDNN_OPTS": "0"}, False, False),
+        (ZEN4, {"TF_ENABLE_ONEDNN_OPTS": "False"}, False, False),
+    ],
+)
+def test_tensorflow_onednn_and_bf16_follow_tensorflows_rules(
+    tmp_path, flags, environ, onednn, bf16
+):
+    root = _cpuinfo(tmp_path, flags)
+    assert hardware.tensorflow_onednn_enabled(root, environ) is onednn
+    assert hardware.tensorflow_bf16_on_onednn(root, environ) is bf16
+
+
+@pytest.mark.parametrize("switch", [None, "0"])
+def test_tensorflow_onednn_enabled_agrees_with_tensorflow(switch):
+    """Against TensorFlow's own IsMklEnabled on this machine, in a process
+    started with TF_ENABLE_ONEDNN_OPTS unset and 0 (TensorFlow reads the
+    variable once)."""
+    environ = {
+        k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"
+    }
+    environ["PYTHONPATH"] = REPOSITORY
+    if switch is not None:
+        environ["TF_ENABLE_ONEDNN_OPTS"] = switch
+    script = (
+        "from tensorflow.python.util import _pywrap_util_port as port\n"
+        "from simclr_tf import hardware\n"
+        "print(port.IsMklEnabled(), hardware.tensorflow_onednn_enabled())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs, ours = done.stdout.split()[-2:]
+    assert ours == theirs
 
 
 def test_cpu_bf16_flags_without_cpuinfo(tmp_path):

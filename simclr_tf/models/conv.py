@@ -42,17 +42,18 @@ _TENSORFLOW_METHODS = ("tensorflow", "tensorflow")
 # at 0.3% of the forward conv's rate on the demo model's shapes; where
 # TensorFlow gives no float16 op to oneDNN (CPUs without AVX512-FP16),
 # both its gradient kernels ran at ~10%. bfloat16 where TensorFlow runs it
-# on Eigen (CPUs without AVX-512, hardware.tensorflow_bf16_on_onednn): both
-# gradient kernels ran at 3%, and Conv2DBackpropFilter sums in bfloat16
-# (2^-4.7 of the largest entry off). In these "half" cases a square conv's
-# filter gradient is one matmul for a 1x1 kernel ("patches") and one
-# forward conv otherwise ("swapped"), and a strided input gradient is
-# forward convs over the stride's phases ("phases"), within one rounding of
-# the float32 result. float16: filter gradients at 0.37-0.47 of the
-# forward's rate, input gradients (with the stride-1 forward conv) at
-# 0.90-0.93 on both kinds of CPU; bfloat16 on Eigen: 0.59 and 0.89, and
-# the demo's mixed_bfloat16 step 26 -> 194 img/s (benchmarks/RESULTS.md,
-# "float16 on CPUs", "bfloat16 without oneDNN"; tests/test_conv.py).
+# on Eigen (hardware.tensorflow_bf16_on_onednn: Zen 3, Skylake-SP, AVX2
+# laptops, TF_ENABLE_ONEDNN_OPTS=0): both gradient kernels ran at 3%, and
+# Conv2DBackpropFilter sums in bfloat16 (2^-4.7 of the largest entry off).
+# In these "half" cases a square conv's filter gradient is one matmul for
+# a 1x1 kernel ("patches") and one forward conv otherwise ("swapped"), and
+# a strided input gradient is forward convs over the stride's phases
+# ("phases"), within one rounding of the float32 result. float16: filter
+# gradients at 0.37-0.47 of the forward's rate, input gradients (with the
+# stride-1 forward conv) at 0.90-0.93 on both kinds of CPU; bfloat16 on
+# Eigen: 0.59 and 0.89, and the demo's mixed_bfloat16 step 26 -> 194
+# img/s (benchmarks/RESULTS.md, "float16 on CPUs", "CPUs where TensorFlow
+# runs Eigen, not oneDNN"; tests/test_conv.py).
 HALF_FILTER_METHODS = {1: "patches"}
 HALF_DEFAULT_FILTER_METHOD = "swapped"
 HALF_INPUT_METHOD = "phases"
