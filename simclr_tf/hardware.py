@@ -302,14 +302,7 @@ def tensorflow_onednn_enabled(
     TF_ENABLE_ONEDNN_OPTS says (1/true, 0/false), else by
     ONEDNN_DEFAULT_CPU_FLAGS. Reads x86 flags only (an Arm Neoverse V1,
     where TensorFlow's default is on too, reads as off)."""
-    environ = os.environ if environ is None else environ
-    switch = environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower()
-    if switch in ("1", "true"):
-        return True
-    if switch in ("0", "false"):
-        return False
-    flags = _cpu_flags(root)
-    return any(flag in flags for flag in ONEDNN_DEFAULT_CPU_FLAGS)
+    return _onednn_enabled(_cpu_flags(root), environ)
 
 
 def tensorflow_bf16_on_onednn(
@@ -317,10 +310,20 @@ def tensorflow_bf16_on_onednn(
 ) -> bool:
     """Whether TensorFlow runs bfloat16 ops on the CPU with oneDNN (not
     Eigen): oneDNN on and a CPU with one of ONEDNN_BF16_CPU_FLAGS."""
-    if not tensorflow_onednn_enabled(root, environ):
-        return False
     flags = _cpu_flags(root)
-    return any(flag in flags for flag in ONEDNN_BF16_CPU_FLAGS)
+    return _onednn_enabled(flags, environ) and any(
+        flag in flags for flag in ONEDNN_BF16_CPU_FLAGS
+    )
+
+
+def _onednn_enabled(flags: set[str], environ: Mapping[str, str] | None) -> bool:
+    environ = os.environ if environ is None else environ
+    switch = environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower()
+    if switch in ("1", "true"):
+        return True
+    if switch in ("0", "false"):
+        return False
+    return any(flag in flags for flag in ONEDNN_DEFAULT_CPU_FLAGS)
 
 
 def _cpu_flags(root: str) -> set[str]:
