@@ -132,12 +132,31 @@ class Bank:
                     name=f"bank_{name}",
                 )
 
+    # Rows are written by scatter and read by gather, on this replica's
+    # own variable (its handle): a slice of the column (`column[a:b]`,
+    # tf.slice), or tf.gather on it under MirroredStrategy, reads the whole
+    # column, and TensorFlow then copies all of it on every step (a 60,000
+    # x 784 bank: 180 MiB a write or read; benchmarks/RESULTS.md,
+    # "Evaluation").
+
     def write(self, offset: tf.Tensor, values: Mapping[str, tf.Tensor]) -> None:
         """In a replica context: rows offset.. of this replica's columns."""
         for name, value in values.items():
             column = self.columns[name]
             rows = tf.shape(value)[0]
-            column[offset : offset + rows].assign(tf.cast(value, column.dtype))
+            tf.raw_ops.ResourceScatterUpdate(
+                resource=column.handle,
+                indices=offset + tf.range(rows),
+                updates=tf.cast(value, column.dtype),
+            )
+
+    def gather(self, name: str, indices: tf.Tensor) -> tf.Tensor:
+        """In a replica context: the rows `indices` [n] of this replica's
+        column `name`, [n, ...]."""
+        column = self.columns[name]
+        return tf.raw_ops.ResourceGather(
+            resource=column.handle, indices=indices, dtype=column.dtype
+        )
 
     def local_rows(self) -> dict[str, np.ndarray]:
         """This process's replicas' rows, replica after replica (padding

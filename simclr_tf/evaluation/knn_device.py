@@ -40,13 +40,12 @@ def _local_top_k(
             f"chunk={chunk} must divide the bank's {bank.capacity} rows per "
             f"replica (banks.capacity_for makes it so)."
         )
-    features, labels = bank.columns["features"], bank.columns["label"]
     count = queries.shape[0] or tf.shape(queries)[0]
 
     def body(index, best, best_labels):
-        # Static [chunk, ...] slices (TPUs compile static shapes only).
-        rows = tf.slice(features, [index * chunk, 0], [chunk, -1])
-        row_labels = tf.slice(labels, [index * chunk], [chunk])
+        # Static [chunk, ...] reads (TPUs compile static shapes only).
+        rows = bank.gather("features", index * chunk + tf.range(chunk))
+        row_labels = bank.gather("label", index * chunk + tf.range(chunk))
         similar = tf.matmul(queries, _unit(rows), transpose_b=True)
         similar = tf.where(row_labels[None, :] >= 0, similar, -float("inf"))
         both = tf.concat([best, similar], axis=1)  # [q, k + chunk]

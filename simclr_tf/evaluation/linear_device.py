@@ -36,12 +36,11 @@ def _sum_over_rows(bank: banks.Bank, chunk: int, row_sum) -> tf.Tensor:
             f"chunk={chunk} must divide the bank's {bank.capacity} rows per "
             f"replica (banks.capacity_for makes it so)."
         )
-    features, labels = bank.columns["features"], bank.columns["label"]
-    width = features.shape[-1]
+    width = bank.columns["features"].shape[-1]
 
     def body(index: tf.Tensor, total: tf.Tensor):
-        rows = features[index * chunk : (index + 1) * chunk]
-        real = labels[index * chunk : (index + 1) * chunk] >= 0
+        rows = bank.gather("features", index * chunk + tf.range(chunk))
+        real = bank.gather("label", index * chunk + tf.range(chunk)) >= 0
         real = tf.cast(real, tf.float32)[:, None]
         return index + 1, total + row_sum(rows, real)
 
@@ -231,14 +230,14 @@ def _replica_step(
     mean, std, kernel, bias = weights_
     position = index * local + tf.range(local)
     rows = tf.gather(order, position)
-    labels = tf.gather(bank.columns["label"], rows)
+    labels = bank.gather("label", rows)
     real = (labels >= 0) & (position < bank.capacity)
     weights = tf.cast(real, tf.float32)
     context = tf.distribute.get_replica_context()
     count = context.all_reduce(
         tf.distribute.ReduceOp.SUM, tf.reduce_sum(weights)
     )
-    features = (tf.gather(bank.columns["features"], rows) - mean) / std
+    features = (bank.gather("features", rows) - mean) / std
     with tf.GradientTape() as tape:
         logits = tf.matmul(features, kernel) + bias
         losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
