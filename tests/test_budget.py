@@ -13,6 +13,8 @@ import tensorflow as tf
 from simclr_tf import optim
 from simclr_tf.config import schema as config_lib
 from simclr_tf.config import validation
+from simclr_tf.data import run_data
+from simclr_tf.evaluation import run_eval
 from simclr_tf.training import budget, loop
 
 
@@ -113,6 +115,21 @@ def test_budgeted_run_ends_at_the_decided_step_and_resumes_to_it(tmp_path):
     # The same command again: the saved decision holds, nothing to train.
     again = loop.run_training(config)
     assert again["step"] == 7
+    # --mode=eval on this model_dir ends at the decided step: it neither
+    # waits --eval_timeout_secs for step 40 nor sleeps.
+    source = run_data.open_train_source(config)
+    assert run_eval.final_step(config, source) == 7
+
+    def sleep(seconds):
+        raise AssertionError(f"waited {seconds} s for a checkpoint")
+
+    watched = run_eval.watch_checkpoints(
+        str(tmp_path),
+        last_step=lambda: run_eval.final_step(config, source),
+        timeout_secs=3600,
+        sleep=sleep,
+    )
+    assert [step for _, step in watched] == [7]
 
 
 def test_negative_budget_is_a_flag_error():

@@ -449,7 +449,11 @@ def test_watch_checkpoints_yields_each_new_one_and_stops_at_the_last(
             manager.save(checkpoint_number=5)
 
     for _, number in run_eval.watch_checkpoints(
-        str(tmp_path), last_step=5, timeout_secs=60, poll_secs=1, sleep=sleep
+        str(tmp_path),
+        last_step=lambda: 5,
+        timeout_secs=60,
+        poll_secs=1,
+        sleep=sleep,
     ):
         seen.append(number)
     # The latest at start (2, not 1), then 5, which is the last step.
@@ -459,7 +463,7 @@ def test_watch_checkpoints_yields_each_new_one_and_stops_at_the_last(
     assert [
         n
         for _, n in run_eval.watch_checkpoints(
-            str(tmp_path), last_step=9, timeout_secs=0, sleep=sleep
+            str(tmp_path), last_step=lambda: 9, timeout_secs=0, sleep=sleep
         )
     ] == [5]
 

@@ -4,7 +4,8 @@
 by the linear protocol (and kNN) against its baselines, a supervised model
 by its own head. `run_eval_loop` is --mode=eval: it watches model_dir and
 evaluates each new checkpoint once, writing result_<step>.json, until the
-checkpoint of the last step (or --eval_timeout_secs without a new one).
+checkpoint of the last step (or --eval_timeout_secs without a new one);
+the last step is the one a --time_budget_minutes run decided, once it has.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from simclr_tf.config import schema as config_lib
 from simclr_tf.data import run_data
 from simclr_tf.data.sources import base as source_lib
 from simclr_tf.evaluation import protocol
+from simclr_tf.training import budget, train_state
 from simclr_tf.training import schedule as schedule_lib
-from simclr_tf.training import train_state
 
 
 def evaluate_state(
@@ -110,7 +111,7 @@ def step_of(checkpoint_prefix: str) -> int:
 def watch_checkpoints(
     model_dir: str,
     *,
-    last_step: int,
+    last_step: Callable[[], int],
     timeout_secs: float,
     poll_secs: float = 5.0,
     sleep: Callable[[float], None] = time.sleep,
@@ -118,9 +119,10 @@ def watch_checkpoints(
     """Yields (prefix, step) of model_dir's latest checkpoint, then of each
     newer one as it appears, each once.
 
-    Stops after yielding a checkpoint at step >= last_step, or when no new
-    checkpoint appears for timeout_secs after the previous one was handled
-    (0 = do not wait: only what is there now).
+    Stops after yielding a checkpoint at step >= last_step() (asked again
+    at every checkpoint: a budgeted run decides its end after its first
+    loop), or when no new checkpoint appears for timeout_secs after the
+    previous one was handled (0 = do not wait: only what is there now).
     """
     seen = -1
     deadline = time.monotonic() + timeout_secs
@@ -129,7 +131,7 @@ def watch_checkpoints(
         step = step_of(prefix) if prefix else -1
         if step > seen:
             yield prefix, step
-            if step >= last_step:
+            if step >= last_step():
                 return
             seen = step
             deadline = time.monotonic() + timeout_secs
@@ -180,7 +182,7 @@ def run_eval_loop(
     result: dict[str, object] = {}
     for prefix, step in watch_checkpoints(
         config.model_dir,
-        last_step=_last_step(config, source),
+        last_step=lambda: final_step(config, source),
         timeout_secs=config.eval.eval_timeout_secs,
     ):
         started = time.time()
@@ -225,8 +227,12 @@ def _check_something_to_watch(model_dir: str) -> None:
     )
 
 
-def _last_step(config: config_lib.Config, source: source_lib.Source) -> int:
-    """The run's final step, from the same schedule as training."""
+def final_step(config: config_lib.Config, source: source_lib.Source) -> int:
+    """The run's final step: the one its --time_budget_minutes decision
+    (model_dir/time_budget.json) gives, else the training schedule's."""
+    decision = budget.load(config.model_dir)
+    if decision is not None:
+        return decision.total_steps
     schedule = schedule_lib.resolve_schedule(
         config.train, config.optim, source.num_examples
     )
