@@ -6,6 +6,7 @@ loops in test_evaluate.py and test_knn.py).
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -335,13 +336,12 @@ def test_bank_writes_and_reads_only_the_rows_asked_for(replicas, jit_compile):
     )
     bank = banks.Bank(strategy, 8, {"features": ((3,), tf.float32)})
     values = np.arange(1, 13, dtype=np.float32).reshape(4, 3)
-    labels = np.array([3, 1, 4, 1], np.int32)
+    labels = np.array([3, 1, 4, 1], np.int64)  # written as int32
 
     def replica_step(offset):
-        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        bank.write(
-            offset, {"features": values * (1 + replica), "label": labels}
-        )
+        context = tf.distribute.get_replica_context()
+        scale = tf.cast(1 + context.replica_id_in_sync_group, tf.float32)
+        bank.write(offset, {"features": values * scale, "label": labels})
         rows = offset - 1 + tf.range(6)
         return bank.gather("features", rows), bank.gather("label", rows)
 
@@ -364,6 +364,46 @@ def test_bank_writes_and_reads_only_the_rows_asked_for(replicas, jit_compile):
         tf.TensorSpec([], tf.int32)
     )
     assert "ReadVariableOp" not in _op_types(concrete.graph)
+
+
+def test_linear_classifier_reads_the_bank_by_rows():
+    """The standardisation's chunk sums and the classifier's step on 2
+    replicas: no traced read of a whole bank column ([capacity, ...]); the
+    classifier's own variables are read whole, as they should be."""
+    strategy = tf.distribute.MirroredStrategy(virtual_devices(2))
+    capacity = 96
+    bank = banks.Bank(strategy, capacity, {"features": ((5,), tf.float32)})
+    with strategy.scope():
+        kernel = keras.Variable(np.zeros([5, 3], np.float32))
+        bias = keras.Variable(np.zeros([3], np.float32))
+        optimizer = keras.optimizers.SGD(0.1)
+        optimizer.build([kernel, bias])
+
+    def replica_step():
+        total = linear_device._sum_over_rows(
+            bank,
+            32,
+            lambda rows, real: tf.concat(
+                [tf.reduce_sum(rows * real, 0), [tf.reduce_sum(real)]], 0
+            ),
+        )
+        weights = (tf.zeros([5]), tf.ones([5]), kernel, bias)
+        linear_device._replica_step(
+            bank, tf.range(capacity), 0, 16, weights, optimizer, 0.0, 2
+        )
+        return total
+
+    concrete = tf.function(
+        lambda: strategy.run(replica_step)
+    ).get_concrete_function()
+    reads = [
+        op.outputs[0].shape.as_list()
+        for graph in _graphs(concrete.graph)
+        for op in graph.get_operations()
+        if op.type == "ReadVariableOp"
+    ]
+    assert [5, 3] in reads  # the kernel: reads are seen
+    assert not [shape for shape in reads if shape[:1] == [capacity]]
 
 
 def _largest_tensor(concrete) -> int:

@@ -130,6 +130,10 @@ def test_budgeted_run_ends_at_the_decided_step_and_resumes_to_it(tmp_path):
         sleep=sleep,
     )
     assert [step for _, step in watched] == [7]
+    # Resumed without a budget, training ignores the decision (its
+    # schedule runs to step 40): so does --mode=eval.
+    unbudgeted = config_lib.replace(config, time_budget_minutes=0.0)
+    assert run_eval.final_step(unbudgeted, source) == 40
 
 
 def test_negative_budget_is_a_flag_error():

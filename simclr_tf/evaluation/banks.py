@@ -103,7 +103,12 @@ class Bank:
     """Rows kept on the replicas: each replica its own [capacity, ...].
 
     Columns are sync-on-read variables (one copy per replica, as Keras
-    metrics keep their state); "label" holds -1 for padding rows.
+    metrics keep their state); "label" holds -1 for padding rows. Rows are
+    written by scatter and read by gather on the replica's own variable
+    (its handle): a slice of a column (`column[a:b]`, tf.slice), or
+    tf.gather on it under MirroredStrategy, reads the whole column, and
+    inside a loop TensorFlow copies all of it on every step (a 60,000 x
+    784 bank: 180 MiB a write or read; benchmarks/RESULTS.md, "Evaluation").
 
     Args:
       strategy: the run's strategy.
@@ -132,15 +137,14 @@ class Bank:
                     name=f"bank_{name}",
                 )
 
-    # Rows are written by scatter and read by gather, on this replica's
-    # own variable (its handle): a slice of the column (`column[a:b]`,
-    # tf.slice), or tf.gather on it under MirroredStrategy, reads the whole
-    # column, and TensorFlow then copies all of it on every step (a 60,000
-    # x 784 bank: 180 MiB a write or read; benchmarks/RESULTS.md,
-    # "Evaluation").
-
     def write(self, offset: tf.Tensor, values: Mapping[str, tf.Tensor]) -> None:
-        """In a replica context: rows offset.. of this replica's columns."""
+        """In a replica context: rows offset.. of this replica's columns.
+
+        Args:
+          offset: int32 scalar, the first row written.
+          values: column name -> [n, ...] rows (cast to the column's
+            dtype); offset + n <= capacity.
+        """
         for name, value in values.items():
             column = self.columns[name]
             rows = tf.shape(value)[0]
@@ -151,8 +155,15 @@ class Bank:
             )
 
     def gather(self, name: str, indices: tf.Tensor) -> tf.Tensor:
-        """In a replica context: the rows `indices` [n] of this replica's
-        column `name`, [n, ...]."""
+        """In a replica context: rows of this replica's column `name`.
+
+        Args:
+          name: a column ("features", "label", ...).
+          indices: [n] int32 rows, each < capacity.
+
+        Returns:
+          [n, ...] rows in the column's dtype.
+        """
         column = self.columns[name]
         return tf.raw_ops.ResourceGather(
             resource=column.handle, indices=indices, dtype=column.dtype

@@ -228,11 +228,21 @@ def _check_something_to_watch(model_dir: str) -> None:
 
 
 def final_step(config: config_lib.Config, source: source_lib.Source) -> int:
-    """The run's final step: the one its --time_budget_minutes decision
-    (model_dir/time_budget.json) gives, else the training schedule's."""
-    decision = budget.load(config.model_dir)
-    if decision is not None:
-        return decision.total_steps
+    """The run's final step.
+
+    Args:
+      config: the run's Config.
+      source: the --train_split source (its size sets the schedule).
+
+    Returns:
+      With --time_budget_minutes, the step its decision (model_dir/
+      time_budget.json, as training reads it) gives once made; otherwise,
+      or before it, the training schedule's last step.
+    """
+    if config.train.time_budget_minutes > 0:
+        decision = budget.load(config.model_dir)
+        if decision is not None:
+            return decision.total_steps
     schedule = schedule_lib.resolve_schedule(
         config.train, config.optim, source.num_examples
     )
