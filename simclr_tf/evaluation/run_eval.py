@@ -239,10 +239,9 @@ def final_step(config: config_lib.Config, source: source_lib.Source) -> int:
       time_budget.json, as training reads it) gives once made; otherwise,
       or before it, the training schedule's last step.
     """
-    if config.train.time_budget_minutes > 0:
-        decision = budget.load(config.model_dir)
-        if decision is not None:
-            return decision.total_steps
+    decision = budget.load(config.model_dir, config.train.time_budget_minutes)
+    if decision is not None:
+        return decision.total_steps
     schedule = schedule_lib.resolve_schedule(
         config.train, config.optim, source.num_examples
     )

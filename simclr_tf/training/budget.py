@@ -72,8 +72,12 @@ def decide(
     )
 
 
-def load(model_dir: str) -> Decision | None:
-    """The decision an earlier run of this model_dir made, if any."""
+def load(model_dir: str, budget_minutes: float) -> Decision | None:
+    """The decision an earlier run of this model_dir made, if any, and
+    only while a budget is set (budget_minutes > 0): a run resumed
+    without --time_budget_minutes trains its whole schedule."""
+    if budget_minutes <= 0:
+        return None
     path = file_io.join(model_dir, FILE_NAME)
     if not file_io.exists(path):
         return None

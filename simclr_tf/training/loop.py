@@ -186,7 +186,9 @@ def _loop(
     timed_images, timed_seconds, first = 0, 0.0, True
     preempted = False
     budget_seconds = config.train.time_budget_minutes * 60.0
-    decision = budget_lib.load(config.model_dir) if budget_seconds else None
+    decision = budget_lib.load(
+        config.model_dir, config.train.time_budget_minutes
+    )
     if decision is not None:
         _apply_budget(state, decision, "decided when this run started")
     schedule = state.schedule
