@@ -11,7 +11,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -60,12 +59,16 @@ _XLA_CACHE = _persist_xla_executables()
 
 
 def pytest_collection_modifyitems(config, items):
-    """The longest test files first (tests/file_seconds.py), each file's
-    tests in their own order; a file not measured yet counts as longest.
-    With xdist's reordering off (pyproject), `--dist loadfile` then ends
-    on short files on both workers."""
+    """The longest test files first, by the seconds their selected tests
+    took (tests/file_seconds.py), each file's tests in their own order; a
+    file not measured yet counts as longest. With xdist's reordering off
+    (pyproject), `--dist loadfile` then ends on short files on both
+    workers."""
     seconds = json.loads(file_seconds.OUTPUT.read_text())
-    items.sort(key=lambda item: -seconds.get(item.path.name, math.inf))
+    weights = file_seconds.file_weights(
+        ((item.path.name, item.name) for item in items), seconds
+    )
+    items.sort(key=lambda item: -weights[item.path.name])
 
 
 def pytest_unconfigure(config):

@@ -23,6 +23,10 @@ import pytest
 import tensorflow as tf
 from conftest import xla_flags_caching_in
 
+# Two TensorFlow processes a run, ~1 min of both cores in all: .ci/run's
+# slow stage runs them, beside the recipe chains.
+pytestmark = pytest.mark.slow
+
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _DRIVER = textwrap.dedent(

@@ -236,6 +236,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         np.testing.assert_array_equal(before, after.numpy())
 
 
+# Training in a subprocess, killed, then resumed (~25 s each, as the SIGTERM
+# test below): .ci/run's slow stage runs them, beside the recipe chains.
+@pytest.mark.slow
 @pytest.mark.compat
 def test_killed_run_resumes_at_saved_step(tmp_path):
     """SIGKILL mid-run, then the same command continues from its checkpoint."""
@@ -322,6 +325,7 @@ def test_jit_compiled_step_matches_plain_step():
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_checkpoint_and_the_same_command_resumes(tmp_path):
     model_dir = str(tmp_path / "run")
     command = _train_command(model_dir, train_steps=200, checkpoint_steps=1000)
