@@ -308,6 +308,28 @@ def test_local_top_k_equals_numpy_argsort_of_cosine_similarity():
     np.testing.assert_array_equal(labels, train_labels[order])
 
 
+def test_bank_reads_chunks_that_divide_its_rows():
+    """read_chunk(i, size) is rows i * size .. of each column asked for; a
+    size that does not divide the rows is one clear error, also for the
+    kNN and the linear classifier's passes."""
+    strategy = tf.distribute.MirroredStrategy(virtual_devices(1))
+    features = np.arange(24, dtype=np.float32).reshape(12, 2)
+    bank = _bank(strategy, features, np.arange(12) % 3, 12)
+    assert bank.chunks(4) == 3
+    rows, labels = strategy.run(
+        tf.function(lambda: bank.read_chunk(2, 4, ("features", "label")))
+    )
+    np.testing.assert_array_equal(rows, features[8:12])
+    np.testing.assert_array_equal(labels, np.arange(8, 12) % 3)
+    message = "chunk=5 must divide the bank's 12 rows per replica"
+    with pytest.raises(ValueError, match=message):
+        bank.chunks(5)
+    with pytest.raises(ValueError, match=message):
+        knn_device._local_top_k(tf.zeros([1, 2]), bank, 1, 5)
+    with pytest.raises(ValueError, match=message):
+        linear_device.standardization(strategy, bank, 5)
+
+
 def _graphs(graph):
     """A traced graph and the graphs of its while bodies and branches."""
     yield graph

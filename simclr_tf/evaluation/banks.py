@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -168,6 +168,27 @@ class Bank:
         return tf.raw_ops.ResourceGather(
             resource=column.handle, indices=indices, dtype=column.dtype
         )
+
+    def chunks(self, size: int) -> int:
+        """The number of `size`-row chunks of each replica's rows.
+
+        Raises:
+          ValueError: size does not divide the capacity.
+        """
+        if self.capacity % size:
+            raise ValueError(
+                f"chunk={size} must divide the bank's {self.capacity} rows "
+                f"per replica (banks.capacity_for makes it so)."
+            )
+        return self.capacity // size
+
+    def read_chunk(
+        self, index: tf.Tensor, size: int, names: Sequence[str]
+    ) -> list[tf.Tensor]:
+        """In a replica context: rows index * size .. of columns `names`,
+        each [size, ...] (static shapes: TPUs compile no others)."""
+        rows = index * size + tf.range(size)
+        return [self.gather(name, rows) for name in names]
 
     def local_rows(self) -> dict[str, np.ndarray]:
         """This process's replicas' rows, replica after replica (padding

@@ -35,17 +35,11 @@ def _local_top_k(
       (similarities [q, k] float32, -inf where fewer than k rows exist;
       labels [q, k] int32, -1 there).
     """
-    if bank.capacity % chunk:
-        raise ValueError(
-            f"chunk={chunk} must divide the bank's {bank.capacity} rows per "
-            f"replica (banks.capacity_for makes it so)."
-        )
+    chunks = bank.chunks(chunk)
     count = queries.shape[0] or tf.shape(queries)[0]
 
     def body(index, best, best_labels):
-        # Static [chunk, ...] reads (TPUs compile static shapes only).
-        rows = bank.gather("features", index * chunk + tf.range(chunk))
-        row_labels = bank.gather("label", index * chunk + tf.range(chunk))
+        rows, row_labels = bank.read_chunk(index, chunk, ("features", "label"))
         similar = tf.matmul(queries, _unit(rows), transpose_b=True)
         similar = tf.where(row_labels[None, :] >= 0, similar, -float("inf"))
         both = tf.concat([best, similar], axis=1)  # [q, k + chunk]
@@ -56,7 +50,7 @@ def _local_top_k(
         return index + 1, best, tf.gather(candidates, picked, batch_dims=1)
 
     _, best, best_labels = tf.while_loop(
-        lambda index, *_: index < bank.capacity // chunk,
+        lambda index, *_: index < chunks,
         body,
         (
             tf.constant(0),

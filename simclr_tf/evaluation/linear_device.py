@@ -31,21 +31,16 @@ _unconverted = tf.autograph.experimental.do_not_convert
 def _sum_over_rows(bank: banks.Bank, chunk: int, row_sum) -> tf.Tensor:
     """In a replica context: sum of row_sum(features [c, F], real [c, 1])
     over this replica's rows, `chunk` rows at a time."""
-    if bank.capacity % chunk:
-        raise ValueError(
-            f"chunk={chunk} must divide the bank's {bank.capacity} rows per "
-            f"replica (banks.capacity_for makes it so)."
-        )
+    chunks = bank.chunks(chunk)
     width = bank.columns["features"].shape[-1]
 
     def body(index: tf.Tensor, total: tf.Tensor):
-        rows = bank.gather("features", index * chunk + tf.range(chunk))
-        real = bank.gather("label", index * chunk + tf.range(chunk)) >= 0
-        real = tf.cast(real, tf.float32)[:, None]
+        rows, labels = bank.read_chunk(index, chunk, ("features", "label"))
+        real = tf.cast(labels >= 0, tf.float32)[:, None]
         return index + 1, total + row_sum(rows, real)
 
     _, total = tf.while_loop(
-        lambda index, _: index < bank.capacity // chunk,
+        lambda index, _: index < chunks,
         body,
         (tf.constant(0), tf.zeros([width + 1])),
     )
