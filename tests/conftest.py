@@ -15,6 +15,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -58,6 +60,9 @@ def _persist_xla_executables() -> str:
 _XLA_CACHE = _persist_xla_executables()
 
 
+# Last: after `-m` and `-k` have deselected (pytest runs conftest hooks
+# before its own), so that only the tests that run weigh.
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """The longest test files first, by the seconds their selected tests
     took (tests/file_seconds.py), each file's tests in their own order; a
@@ -79,7 +84,6 @@ def pytest_unconfigure(config):
 
 import file_seconds  # noqa: E402
 import keras  # noqa: E402
-import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 
 import file_seconds
 
@@ -19,10 +20,15 @@ def test_report_gives_each_tests_seconds(tmp_path):
         '<testcase classname="tests.test_a" name="one" time="1.21"/>'
         '<testcase classname="tests.test_b" name="two[x-1]" time="0.5"/>'
         '<testcase classname="tests.test_a" name="three" time="2.0"/>'
+        '<testcase classname="tests.test_a" name="four" time="0.01">'
+        '<skipped message="offline"/></testcase>'
         "</testsuite></testsuites>"
     )
     assert file_seconds.test_seconds(str(report)) == {
-        "test_a.py": {"one": 1.2, "three": 2.0},  # 1.21 to one decimal
+        "test_a.py": {
+            "one": 1.2,
+            "three": 2.0,
+        },  # 1.21 to one decimal; no "four"
         "test_b.py": {"two[x-1]": 0.5},
     }
 
@@ -68,3 +74,28 @@ def test_every_measured_file_exists():
     measured = set(json.loads(file_seconds.OUTPUT.read_text()))
     present = {path.name for path in TESTS.glob("test_*.py")}
     assert measured <= present, sorted(measured - present)
+
+
+def test_every_measured_test_exists():
+    """A renamed test's entry only lingers (a refresh keeps what its
+    reports did not run): remove it from the JSON."""
+    for name, tests in json.loads(file_seconds.OUTPUT.read_text()).items():
+        defined = set(
+            re.findall(r"^def (test_\w+)", (TESTS / name).read_text(), re.M)
+        )
+        stale = sorted({test.split("[")[0] for test in tests} - defined)
+        assert not stale, (name, stale)
+
+
+def test_files_go_out_by_the_seconds_of_the_tests_that_run(request):
+    """This run's own order (after `-m`/`-k` deselection): each file after
+    the files that weigh more, by the seconds of its selected tests."""
+    items = request.session.items
+    weights = file_seconds.file_weights(
+        ((item.path.name, item.name) for item in items),
+        json.loads(file_seconds.OUTPUT.read_text()),
+    )
+    order = list(dict.fromkeys(item.path.name for item in items))
+    assert [weights[name] for name in order] == sorted(
+        (weights[name] for name in order), reverse=True
+    )

@@ -236,7 +236,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         np.testing.assert_array_equal(before, after.numpy())
 
 
-# Training in a subprocess, killed, then resumed (~25 s each, as the SIGTERM
+# Training in a subprocess, killed, then resumed (25-31 s each, as the SIGTERM
 # test below): .ci/run's slow stage runs them, beside the recipe chains.
 @pytest.mark.slow
 @pytest.mark.compat

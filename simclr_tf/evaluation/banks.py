@@ -172,6 +172,12 @@ class Bank:
     def chunks(self, size: int) -> int:
         """The number of `size`-row chunks of each replica's rows.
 
+        Args:
+          size: rows per chunk.
+
+        Returns:
+          capacity / size.
+
         Raises:
           ValueError: size does not divide the capacity.
         """
@@ -183,10 +189,18 @@ class Bank:
         return self.capacity // size
 
     def read_chunk(
-        self, index: tf.Tensor, size: int, names: Sequence[str]
+        self, index: int | tf.Tensor, size: int, names: Sequence[str]
     ) -> list[tf.Tensor]:
-        """In a replica context: rows index * size .. of columns `names`,
-        each [size, ...] (static shapes: TPUs compile no others)."""
+        """In a replica context: chunk `index` of this replica's columns.
+
+        Args:
+          index: the chunk, < chunks(size).
+          size: rows per chunk (static: TPUs compile static shapes only).
+          names: the columns read.
+
+        Returns:
+          One [size, ...] tensor per name: rows index * size .. of it.
+        """
         rows = index * size + tf.range(size)
         return [self.gather(name, rows) for name in names]
 
