@@ -24,11 +24,9 @@ def test_report_gives_each_tests_seconds(tmp_path):
         '<skipped message="offline"/></testcase>'
         "</testsuite></testsuites>"
     )
+    # 1.21 to one decimal; the skipped "four" left out.
     assert file_seconds.test_seconds(str(report)) == {
-        "test_a.py": {
-            "one": 1.2,
-            "three": 2.0,
-        },  # 1.21 to one decimal; no "four"
+        "test_a.py": {"one": 1.2, "three": 2.0},
         "test_b.py": {"two[x-1]": 0.5},
     }
 
