@@ -7,6 +7,18 @@ formulation of models/conv_gradients.py that METHODS picks for the conv's
 kernel size and stride (TensorFlow's own kernel where none measured
 faster). On GPUs and TPUs and under XLA, cuDNN and XLA have their own
 gradient kernels and `conv2d` is plain tf.nn.conv2d (`gradient_path`).
+
+The custom gradient is recorded on the gradient tape only, with the
+primitive tf.custom_gradient itself uses. tf.custom_gradient in a traced
+function also registers each call's gradient function, closed over the
+forward tensors, in TensorFlow's global registry for good
+(tensorflow/tensorflow#27492, #97697): every graph traced with it stayed
+in memory, ~22 MiB per trace of the demo model's gradient step
+(benchmarks/RESULTS.md). Every step here takes its gradients with
+tf.GradientTape inside the traced function, which sees the custom
+gradient; a symbolic gradient of the graph (tf.gradients, or a tape around
+a whole tf.function) gets TensorFlow's own Conv2D gradient, equal up to
+rounding.
 """
 
 from __future__ import annotations
@@ -17,6 +29,9 @@ from typing import Literal
 
 import keras
 import tensorflow as tf
+
+# The tape primitive tf.custom_gradient uses (module docstring).
+from tensorflow.python.eager import record
 
 from simclr_tf import hardware
 from simclr_tf.models import conv_gradients
@@ -204,24 +219,30 @@ def conv2d(
     if input_method == "conv" and stride_h != stride_w:
         input_method = "phases"  # depth_to_space needs one block size.
 
-    @tf.custom_gradient
-    def convolve(x, w):
-        def gradients(dy):
-            # Named scopes, so that profiles can tell these ops (forward
-            # convs and matmuls among them) from the forward pass.
-            with tf.name_scope(INPUT_GRADIENT_SCOPE):
-                dx = conv_gradients.input_gradient(
-                    dy, w, rows, cols, input_method
-                )
-            with tf.name_scope(FILTER_GRADIENT_SCOPE):
-                dw = conv_gradients.filter_gradient(
-                    x, dy, tuple(w.shape), rows, cols, filter_method
-                )
-            return dx, dw
+    # Tensors before the tape stops: a variable read inside the forward
+    # below would not reach the tape.
+    inputs = tf.convert_to_tensor(inputs)
+    kernel = tf.convert_to_tensor(kernel)
 
-        return tf.nn.conv2d(x, w, (stride_h, stride_w), padding), gradients
+    def gradients(dy):
+        # Named scopes, so that profiles can tell these ops (forward convs
+        # and matmuls among them) from the forward pass.
+        with tf.name_scope(INPUT_GRADIENT_SCOPE):
+            dx = conv_gradients.input_gradient(
+                dy, kernel, rows, cols, input_method
+            )
+        with tf.name_scope(FILTER_GRADIENT_SCOPE):
+            dw = conv_gradients.filter_gradient(
+                inputs, dy, tuple(kernel.shape), rows, cols, filter_method
+            )
+        return [dx, dw]
 
-    return convolve(inputs, kernel)
+    with record.stop_recording():
+        outputs = tf.nn.conv2d(inputs, kernel, (stride_h, stride_w), padding)
+    record.record_operation(
+        "SimclrConv2D", [outputs], [inputs, kernel], gradients
+    )
+    return outputs
 
 
 @keras.saving.register_keras_serializable(package="simclr_tf")
