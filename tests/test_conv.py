@@ -156,14 +156,14 @@ def test_gradients_under_jit_compile_equal_autodiff():
 
 
 def test_traced_gradient_leaves_no_graph_behind():
-    """A function traced with the custom gradient is freed with it.
+    """A traced function's graph is freed with the function.
 
     tf.custom_gradient registers each traced call's gradient function in
     TensorFlow's global gradient registry, closed over the forward tensors,
-    so every graph traced with it stayed in memory for the process's life
-    (1,944 gradient graphs after tests/test_gr_modes.py alone). The gradient
-    lives on the tape only: the graph has no registered gradient op, goes
-    with its function, and still takes the custom gradient."""
+    so every graph traced with it stayed in memory for the process's life.
+    The gradient lives on the tape only: no op's gradient is overridden
+    (`_gradient_op_type`), the graph goes with its function, and the tape
+    still takes the custom gradient (its name scope, its values)."""
     shape = (9, 9, 3, 2, "VALID")
     x, kernel, dy = _tensors(shape)
     expected = _reference(shape, x, kernel, dy)

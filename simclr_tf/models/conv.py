@@ -8,17 +8,17 @@ kernel size and stride (TensorFlow's own kernel where none measured
 faster). On GPUs and TPUs and under XLA, cuDNN and XLA have their own
 gradient kernels and `conv2d` is plain tf.nn.conv2d (`gradient_path`).
 
-The custom gradient is recorded on the gradient tape only, with the
-primitive tf.custom_gradient itself uses. tf.custom_gradient in a traced
-function also registers each call's gradient function, closed over the
-forward tensors, in TensorFlow's global registry for good
-(tensorflow/tensorflow#27492, #97697): every graph traced with it stayed
-in memory, ~22 MiB per trace of the demo model's gradient step
-(benchmarks/RESULTS.md). Every step here takes its gradients with
-tf.GradientTape inside the traced function, which sees the custom
-gradient; a symbolic gradient of the graph (tf.gradients, or a tape around
-a whole tf.function) gets TensorFlow's own Conv2D gradient, equal up to
-rounding.
+The custom gradient is recorded on the gradient tape only, as tf.function
+records its own calls: the forward conv under record.stop_recording, then
+record.record_operation with the backward function (TensorFlow's private
+tensorflow.python.eager.record; tf.custom_gradient would also register
+each traced call's gradient in a global registry that keeps every traced
+graph alive, benchmarks/RESULTS.md). So a tf.GradientTape in the same
+graph (simclr_tf's steps, training/train_step.py) or eagerly gets the
+custom gradient; a symbolic gradient of the graph (tf.gradients, a tape
+around a whole tf.function, or a tf.cond/tf.while_loop between the tape
+and the conv) gets TensorFlow's own Conv2D gradient kernels: the same
+maths, slower on some CPUs and, in half precision on Eigen, less exact.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Literal
 import keras
 import tensorflow as tf
 
-# The tape primitive tf.custom_gradient uses (module docstring).
+# Private: the tape's recording primitives (module docstring).
 from tensorflow.python.eager import record
 
 from simclr_tf import hardware
@@ -79,7 +79,8 @@ FILTER_GRADIENT_SCOPE = "conv_filter_gradient"
 
 
 def gradient_path(device: str | None = None) -> Path:
-    """Which gradient a conv2d traced here gets: "custom" or "tensorflow".
+    """Which gradient a conv2d traced here gets: "custom" or "tensorflow"
+    (custom for a tape in the same graph; module docstring).
 
     "tensorflow" inside an XLA context (tf.function(jit_compile=True),
     TPUs) and for a GPU or TPU device; "custom" for a CPU device. With no
@@ -165,7 +166,9 @@ def conv2d(
     """tf.nn.conv2d (NHWC) whose gradients on CPUs come from METHODS.
 
     The forward pass is tf.nn.conv2d in every case; only the gradient
-    differs, and it equals TensorFlow's up to float rounding.
+    differs, and it equals TensorFlow's up to float rounding. The custom
+    gradient reaches a tf.GradientTape in the same graph or eagerly
+    (module docstring).
 
     Args:
       inputs: [B, H, W, ci] float32, bfloat16 or float16; H, W and ci
@@ -219,8 +222,9 @@ def conv2d(
     if input_method == "conv" and stride_h != stride_w:
         input_method = "phases"  # depth_to_space needs one block size.
 
-    # Tensors before the tape stops: a variable read inside the forward
-    # below would not reach the tape.
+    # Read variables (and convert arrays) before recording stops: a read
+    # under stop_recording is not recorded, so no gradient would reach the
+    # variable.
     inputs = tf.convert_to_tensor(inputs)
     kernel = tf.convert_to_tensor(kernel)
 
