@@ -171,17 +171,15 @@ def test_traced_gradient_leaves_no_graph_behind():
         lambda x, k: _gradients(_custom(shape, ("conv", "patches")), x, k, dy)
     )
     concrete = function.get_concrete_function(x, kernel)
-    names = [op.name for op in concrete.graph.get_operations()]
-    assert any(f"{conv.FILTER_GRADIENT_SCOPE}/" in name for name in names)
+    operations = concrete.graph.get_operations()
+    assert any(f"{conv.FILTER_GRADIENT_SCOPE}/" in op.name for op in operations)
     assert not [
-        op.name
-        for op in concrete.graph.get_operations()
-        if "_gradient_op_type" in op.node_def.attr
+        op.name for op in operations if "_gradient_op_type" in op.node_def.attr
     ]
     for got, want in zip(function(x, kernel), expected, strict=True):
         _assert_close(got, want)
     graph = weakref.ref(concrete.graph)
-    del function, concrete
+    del function, concrete, operations
     gc.collect()
     assert graph() is None
 
