@@ -22,8 +22,43 @@ from keras import ops
 DEFAULT_EXCLUDE = ("batch_normalization", "bias", "head_supervised")
 
 
+class _OneReplicaAppliesItsGradients:
+    """Applies the gradients as they are when one replica is in sync.
+
+    Keras's TensorFlow optimizers sum the gradients over the replicas with
+    ReplicaContext.all_reduce, which wraps the sum in tf.custom_gradient.
+    In a traced function that registers a gradient function in
+    TensorFlow's global gradient registry, closed over every gradient
+    tensor: each traced train step's graph then stayed in memory for the
+    life of the process (600 graphs after tests/test_train.py, in one
+    process). With one replica the sum is the gradients themselves, so it
+    is skipped; with several, Keras's sum runs (and TensorFlow keeps the
+    graph, tests/test_optim.py).
+    """
+
+    def _all_reduce_sum_gradients(
+        self, grads_and_vars: Sequence[tuple[tf.Tensor, tf.Variable]]
+    ) -> list[tuple[tf.Tensor, tf.Variable]]:
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync == 1:
+            return list(grads_and_vars)
+        return super()._all_reduce_sum_gradients(grads_and_vars)
+
+
 @keras.saving.register_keras_serializable(package="simclr_tf")
-class LARS(keras.optimizers.Optimizer):
+class SGD(_OneReplicaAppliesItsGradients, keras.optimizers.SGD):
+    """keras.optimizers.SGD, without the one-replica gradient sum that kept
+    every traced step's graph in memory (_OneReplicaAppliesItsGradients)."""
+
+
+@keras.saving.register_keras_serializable(package="simclr_tf")
+class Adam(_OneReplicaAppliesItsGradients, keras.optimizers.Adam):
+    """keras.optimizers.Adam, without the one-replica gradient sum that kept
+    every traced step's graph in memory (_OneReplicaAppliesItsGradients)."""
+
+
+@keras.saving.register_keras_serializable(package="simclr_tf")
+class LARS(_OneReplicaAppliesItsGradients, keras.optimizers.Optimizer):
     """Layer-wise Adaptive Rate Scaling (You et al. 2017), as in GR.
 
     For a variable w with gradient g:
@@ -348,11 +383,9 @@ def build_optimizer(
         return LARS(learning_rate, momentum=momentum, weight_decay=weight_decay)
     if name == "momentum":
         _check_range("momentum", momentum, 0.0, 1.0, "use e.g. 0.9")
-        return keras.optimizers.SGD(
-            learning_rate, momentum=float(momentum), nesterov=nesterov
-        )
+        return SGD(learning_rate, momentum=float(momentum), nesterov=nesterov)
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate)
+        return Adam(learning_rate)
     raise ValueError(
         f"--optimizer={name!r} is not supported; use 'lars', 'momentum' or "
         "'adam'."

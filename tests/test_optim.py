@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import weakref
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import virtual_devices
 
 from simclr_tf import optim
 from simclr_tf.config import schema as config_lib
@@ -377,3 +380,97 @@ def test_lars_under_mirrored_strategy_sums_replica_gradients():
         np.testing.assert_allclose(
             value.numpy(), expected, rtol=RTOL, atol=ATOL
         )
+
+
+def _traced_update(optimizer, model, images):
+    """A tf.function taking one optimizer step on sum(model(images)^2),
+    and a weak reference to its traced graph."""
+
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(model(images)))
+        variables = model.trainable_variables
+        gradients = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(gradients, variables, strict=True))
+        return loss
+
+    function = tf.function(step)
+    return function, weakref.ref(function.get_concrete_function().graph)
+
+
+def _dense(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+
+
+IMAGES = np.random.default_rng(5).normal(size=(4, 3)).astype(np.float32)
+
+
+STOCK = {
+    "momentum": lambda: keras.optimizers.SGD(0.1, 0.9, nesterov=True),
+    "adam": lambda: keras.optimizers.Adam(0.1),
+}
+
+
+@pytest.mark.parametrize("name", ["lars", "momentum", "adam"])
+def test_traced_update_leaves_no_graph_behind(name):
+    """On one replica an update's graph goes with its tf.function.
+
+    Keras's own optimizers sum the gradients over the replicas through
+    tf.custom_gradient, whose gradient registry entry keeps every traced
+    graph alive (the stock optimizers below); the project's apply one
+    replica's gradients as they are, to the same weights (LARS's update
+    against numpy: the tests above)."""
+    ours = _dense(0)
+    function, graph = _traced_update(
+        optim.build_optimizer(name, 0.1), ours, IMAGES
+    )
+    for _ in range(2):
+        function()
+    del function
+    gc.collect()
+    assert graph() is None
+    if name in STOCK:
+        stock = _dense(0)
+        function, graph = _traced_update(STOCK[name](), stock, IMAGES)
+        for _ in range(2):
+            function()
+        weights = zip(ours.get_weights(), stock.get_weights(), strict=True)
+        for got, want in weights:
+            np.testing.assert_array_equal(got, want)
+        del function
+        gc.collect()
+        assert graph() is not None  # kept by TensorFlow's registry
+
+
+def test_several_replicas_still_sum_their_gradients():
+    """On 2 replicas each applies the sum of both replicas' gradients."""
+    half = len(IMAGES) // 2
+    single = _dense(0)
+    optimizer = optim.build_optimizer("momentum", 0.1)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(single(IMAGES)))
+    variables = single.trainable_variables
+    gradients = tape.gradient(loss, variables)
+    optimizer.apply_gradients(zip(gradients, variables, strict=True))
+    strategy = tf.distribute.MirroredStrategy(virtual_devices(2))
+    with strategy.scope():
+        model = _dense(0)
+        replicated = optim.build_optimizer("momentum", 0.1)
+        replicated.build(model.trainable_variables)
+
+    def replica_step():
+        context = tf.distribute.get_replica_context()
+        start = context.replica_id_in_sync_group * half
+        with tf.GradientTape() as tape:
+            outputs = model(tf.constant(IMAGES)[start : start + half])
+            loss = tf.reduce_sum(tf.square(outputs))
+        variables = model.trainable_variables
+        gradients = tape.gradient(loss, variables)
+        replicated.apply_gradients(zip(gradients, variables, strict=True))
+
+    tf.function(lambda: strategy.run(replica_step))()
+    for got, want in zip(
+        model.get_weights(), single.get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

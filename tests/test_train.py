@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import keras
 import numpy as np
@@ -276,11 +278,12 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
 
 
-def _two_step_losses(config, make_iterator) -> list[float]:
+def _two_step_losses(config, make_iterator, graphs=None) -> list[float]:
     """Contrast losses of two single-step loops from seeded weights.
 
     make_iterator(config) gives the batches; it is called after the model
-    is built, with the global seed reset first (tf.data mixes it in).
+    is built, with the global seed reset first (tf.data mixes it in). A
+    weak reference to the loop's traced graph goes into `graphs` if given.
     """
     keras.utils.set_random_seed(0)
     model = builders.build_model(config, 10, 3)
@@ -299,23 +302,31 @@ def _two_step_losses(config, make_iterator) -> list[float]:
     )
     iterator = make_iterator(config)
     # Two steps: the second also checks the (XLA-compiled) update.
-    return [
+    losses = [
         float(loop(iterator, tf.constant(1))["contrast_loss"]) for _ in range(2)
     ]
+    if graphs is not None:
+        traced = loop.get_concrete_function(iterator, tf.constant(1))
+        graphs.append(weakref.ref(traced.graph))
+    return losses
 
 
 @pytest.mark.compat
 def test_jit_compiled_step_matches_plain_step():
-    """XLA (what TPUs run) computes the same loss as the plain graph."""
+    """XLA (what TPUs run) computes the same loss as the plain graph; and
+    neither loop's graph outlives it (nothing in the step registers a
+    gradient that holds it: optim.py, models/conv.py)."""
     batch = {
         "view1": tf.random.uniform((16, 16, 16, 3), seed=1),
         "view2": tf.random.uniform((16, 16, 16, 3), seed=2),
         "label": tf.zeros([16], tf.int64),
     }
+    graphs = []
     losses = {
         jit_compile: _two_step_losses(
             _tiny_config("/tmp/unused", jit_compile=jit_compile),
             lambda _: iter(tf.data.Dataset.from_tensors(batch).repeat()),
+            graphs,
         )
         for jit_compile in (False, True)
     }
@@ -323,6 +334,8 @@ def test_jit_compiled_step_matches_plain_step():
     # measured; 1e-5 leaves room without hiding a real difference (the loss
     # changes by ~3e-2 between the two steps).
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+    gc.collect()
+    assert len(graphs) == 2 and [graph() for graph in graphs] == [None, None]
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from simclr_tf import optim
 from simclr_tf.evaluation import banks, linear
 
 # Constant features (train std below this) are centred, not scaled.
@@ -140,7 +141,7 @@ def train_on_bank(
     with strategy.scope():
         kernel = keras.Variable(np.zeros([width, num_classes], np.float32))
         bias = keras.Variable(np.zeros([num_classes], np.float32))
-        optimizer = keras.optimizers.SGD(
+        optimizer = optim.SGD(
             keras.optimizers.schedules.CosineDecay(
                 learning_rate, decay_steps=epochs * steps, alpha=0.0
             ),
