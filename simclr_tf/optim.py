@@ -22,18 +22,17 @@ from keras import ops
 DEFAULT_EXCLUDE = ("batch_normalization", "bias", "head_supervised")
 
 
-class _OneReplicaAppliesItsGradients:
-    """Applies the gradients as they are when one replica is in sync.
+class _ReplicaGradientSum:
+    """The gradient sum over replicas, skipped when one is in sync.
 
     Keras's TensorFlow optimizers sum the gradients over the replicas with
-    ReplicaContext.all_reduce, which wraps the sum in tf.custom_gradient.
-    In a traced function that registers a gradient function in
-    TensorFlow's global gradient registry, closed over every gradient
-    tensor: each traced train step's graph then stayed in memory for the
-    life of the process (600 graphs after tests/test_train.py, in one
-    process). With one replica the sum is the gradients themselves, so it
-    is skipped; with several, Keras's sum runs (and TensorFlow keeps the
-    graph, tests/test_optim.py).
+    ReplicaContext.all_reduce before every update, on the default strategy
+    too, and that all-reduce is a tf.custom_gradient: in a traced function
+    it registers a gradient function in TensorFlow's global registry,
+    closed over the summed gradients, so each traced train step's graph
+    stayed in memory for the life of the process (benchmarks/RESULTS.md).
+    With one replica the sum is the gradients themselves and is skipped;
+    with several, Keras's sum runs, and the graph stays.
     """
 
     def _all_reduce_sum_gradients(
@@ -46,19 +45,19 @@ class _OneReplicaAppliesItsGradients:
 
 
 @keras.saving.register_keras_serializable(package="simclr_tf")
-class SGD(_OneReplicaAppliesItsGradients, keras.optimizers.SGD):
+class SGD(_ReplicaGradientSum, keras.optimizers.SGD):
     """keras.optimizers.SGD, without the one-replica gradient sum that kept
-    every traced step's graph in memory (_OneReplicaAppliesItsGradients)."""
+    every traced step's graph in memory (_ReplicaGradientSum)."""
 
 
 @keras.saving.register_keras_serializable(package="simclr_tf")
-class Adam(_OneReplicaAppliesItsGradients, keras.optimizers.Adam):
+class Adam(_ReplicaGradientSum, keras.optimizers.Adam):
     """keras.optimizers.Adam, without the one-replica gradient sum that kept
-    every traced step's graph in memory (_OneReplicaAppliesItsGradients)."""
+    every traced step's graph in memory (_ReplicaGradientSum)."""
 
 
 @keras.saving.register_keras_serializable(package="simclr_tf")
-class LARS(_OneReplicaAppliesItsGradients, keras.optimizers.Optimizer):
+class LARS(_ReplicaGradientSum, keras.optimizers.Optimizer):
     """Layer-wise Adaptive Rate Scaling (You et al. 2017), as in GR.
 
     For a variable w with gradient g:

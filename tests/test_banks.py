@@ -6,10 +6,13 @@ loops in test_evaluate.py and test_knn.py).
 
 from __future__ import annotations
 
+import gc
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.framework import func_graph
 
 from simclr_tf.data import pipeline
 from simclr_tf.data.sources import base as source_lib
@@ -136,6 +139,26 @@ def test_linear_on_one_replica_follows_linear_py_step_for_step():
         np.testing.assert_allclose(
             getattr(trained, name), getattr(reference, name), atol=1e-6
         )
+
+
+def _traced_graphs() -> int:
+    """Traced graphs alive in this process after a full collection."""
+    gc.collect()
+    return sum(isinstance(o, func_graph.FuncGraph) for o in gc.get_objects())
+
+
+def test_linear_on_one_replica_leaves_no_graph_behind():
+    """The classifier's traced epoch goes with it: nothing in its step
+    registers a gradient (tf.custom_gradient) that would hold the graph."""
+    strategy = tf.distribute.MirroredStrategy(virtual_devices(1))
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(64, 5)).astype(np.float32)
+    bank = _bank(strategy, features, rng.integers(0, 3, 64), 64)
+    before = _traced_graphs()
+    linear_device.train_on_bank(
+        strategy, bank, 3, epochs=2, batch_size=32, seed=4, chunk=32
+    )
+    assert _traced_graphs() == before
 
 
 @pytest.mark.parametrize("replicas", [2, 4])

@@ -229,10 +229,12 @@ def _replica_step(
     labels = bank.gather("label", rows)
     real = (labels >= 0) & (position < bank.capacity)
     weights = tf.cast(real, tf.float32)
+    count = tf.reduce_sum(weights)
     context = tf.distribute.get_replica_context()
-    count = context.all_reduce(
-        tf.distribute.ReduceOp.SUM, tf.reduce_sum(weights)
-    )
+    if context.num_replicas_in_sync > 1:
+        # A tf.custom_gradient: in a trace, its registry entry keeps the
+        # graph alive (optim.py); one replica's count is its own.
+        count = context.all_reduce(tf.distribute.ReduceOp.SUM, count)
     features = (bank.gather("features", rows) - mean) / std
     with tf.GradientTape() as tape:
         logits = tf.matmul(features, kernel) + bias
