@@ -230,10 +230,10 @@ def _replica_step(
     real = (labels >= 0) & (position < bank.capacity)
     weights = tf.cast(real, tf.float32)
     count = tf.reduce_sum(weights)
-    context = tf.distribute.get_replica_context()
-    if context.num_replicas_in_sync > 1:
+    if replicas > 1:
         # A tf.custom_gradient: in a trace, its registry entry keeps the
         # graph alive (optim.py); one replica's count is its own.
+        context = tf.distribute.get_replica_context()
         count = context.all_reduce(tf.distribute.ReduceOp.SUM, count)
     features = (bank.gather("features", rows) - mean) / std
     with tf.GradientTape() as tape:
