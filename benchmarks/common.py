@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from simclr_tf.training import schedule as schedule_lib
-
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # The models every benchmark times: simclr_tf flags as in the recipes
@@ -197,6 +195,7 @@ def build_train_loop(
     import tensorflow as tf
 
     from simclr_tf.training import builders, train_step
+    from simclr_tf.training import schedule as schedule_lib
 
     schedule = schedule_lib.Schedule(
         steps_per_epoch=100,

@@ -235,11 +235,17 @@ def test_input_pipeline_file_sources_report_host_and_device_rows(tmp_path):
     ],
 )
 def test_input_pipeline_unknown_choice_lists_the_valid_ones(flag, valid):
-    command = [sys.executable, os.path.join(BENCHMARKS, "input_pipeline.py")]
+    # -X importtime: every module the refusal imported, one line each on
+    # stderr. Flags are checked before TensorFlow is imported (~3 s here).
+    script = os.path.join(BENCHMARKS, "input_pipeline.py")
+    command = [sys.executable, "-X", "importtime", script]
     done = subprocess.run(
         [*command, flag], capture_output=True, text=True, timeout=60, cwd=REPO
     )
     assert done.returncode != 0
+    lines = done.stderr.splitlines()
+    imported = [line.split("|")[-1].strip() for line in lines]
+    assert "absl.flags" in imported and "tensorflow" not in imported
     message = done.stderr.strip().splitlines()[-1]
     assert flag.split("=")[1].split(",")[-1] in message
     assert f"use some of {','.join(valid)}" in message
