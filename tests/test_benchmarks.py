@@ -243,10 +243,10 @@ def test_input_pipeline_unknown_choice_lists_the_valid_ones(flag, valid):
         [*command, flag], capture_output=True, text=True, timeout=60, cwd=REPO
     )
     assert done.returncode != 0
-    lines = done.stderr.splitlines()
+    lines = done.stderr.strip().splitlines()
     imported = [line.split("|")[-1].strip() for line in lines]
     assert "absl.flags" in imported and "tensorflow" not in imported
-    message = done.stderr.strip().splitlines()[-1]
+    message = lines[-1]
     assert flag.split("=")[1].split(",")[-1] in message
     assert f"use some of {','.join(valid)}" in message
 
