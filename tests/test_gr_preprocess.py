@@ -31,6 +31,8 @@ TOLERANCE = 2e-6
 # landscape, odd sides, a square, one smaller than the output.
 SHAPES = [(375, 500), (500, 333), (256, 256), (91, 37), (301, 300), (150, 200)]
 
+# Inputs are keyed "<size>/<name>": one process for every case (GR's
+# code under tf_keras takes ~3 s to start).
 _GR_SIDE = """
 import sys
 import numpy as np
@@ -38,16 +40,17 @@ sys.path.insert(0, sys.argv[1])
 import data_util
 import tensorflow as tf
 inputs = np.load(sys.argv[2])
-size = int(sys.argv[4])
-outputs = {
-    name: data_util.preprocess_image(
+outputs = {}
+for key, image in inputs.items():
+    size = int(key.split("/")[0])
+    outputs[key] = data_util.preprocess_image(
         tf.constant(image), size, size, is_training=False,
         test_crop=size > 32,
     ).numpy()
-    for name, image in inputs.items()
-}
 np.savez(sys.argv[3], **outputs)
 """
+# At 32 px GR neither crops nor resizes (CIFAR): the image only scales.
+CASES = {224: SHAPES, 64: SHAPES, 32: [(32, 32)]}
 
 
 def _images(shapes, seed=0) -> dict[str, np.ndarray]:
@@ -66,7 +69,16 @@ def _images(shapes, seed=0) -> dict[str, np.ndarray]:
     return images
 
 
-def _gr_preprocess(tmp_path, images, size) -> dict[str, np.ndarray]:
+@pytest.fixture(scope="module")
+def gr_outputs(tmp_path_factory) -> dict[str, np.ndarray]:
+    """GR's preprocessing of every case's images, keyed "<size>/<name>"."""
+    gr_reference.require()
+    images = {
+        f"{size}/{name}": image
+        for size, shapes in CASES.items()
+        for name, image in _images(shapes).items()
+    }
+    tmp_path = tmp_path_factory.mktemp("gr_preprocess")
     inputs, outputs = tmp_path / "inputs.npz", tmp_path / "outputs.npz"
     np.savez(inputs, **images)
     done = subprocess.run(
@@ -77,7 +89,6 @@ def _gr_preprocess(tmp_path, images, size) -> dict[str, np.ndarray]:
             gr_reference.GR_REFERENCE_DIR,
             str(inputs),
             str(outputs),
-            str(size),
         ],
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         capture_output=True,
@@ -90,16 +101,11 @@ def _gr_preprocess(tmp_path, images, size) -> dict[str, np.ndarray]:
     return dict(np.load(outputs))
 
 
-# At 32 px GR neither crops nor resizes (CIFAR): the image only scales.
-@pytest.mark.parametrize(
-    ("size", "shapes"), [(224, SHAPES), (64, SHAPES), (32, [(32, 32)])]
-)
-def test_preprocess_for_eval_is_grs(tmp_path, size, shapes):
-    gr_reference.require()
-    images = _images(shapes)
-    expected = _gr_preprocess(tmp_path, images, size)
-    for name, image in images.items():
+@pytest.mark.parametrize("size", list(CASES))
+def test_preprocess_for_eval_is_grs(gr_outputs, size):
+    for name, image in _images(CASES[size]).items():
+        expected = gr_outputs[f"{size}/{name}"]
         ours = views.preprocess_for_eval(tf.constant(image), size)
-        assert ours.shape == expected[name].shape == (size, size, 3)
-        difference = float(np.max(np.abs(ours.numpy() - expected[name])))
+        assert ours.shape == expected.shape == (size, size, 3)
+        difference = float(np.max(np.abs(ours.numpy() - expected)))
         assert difference <= TOLERANCE, (name, difference)
