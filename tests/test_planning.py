@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from simclr_tf import hardware
 from simclr_tf.config import schema as config_lib
 from simclr_tf.config import validation
 from simclr_tf.models import simclr
@@ -382,18 +383,31 @@ MEASURED = [
 
 
 def test_activation_figure_is_within_25_percent_of_tensorflows_peak():
-    """TensorFlow's allocator (oneDNN's CPU allocator keeps statistics):
-    the peak of a compiled forward + backward pass above the memory in
-    use before it, less the gradients it returns, against the plan's
-    activations for that batch. Fresh process: clean statistics, one
-    device. Measured 1-11% apart (docs/memory.md); 25% is the issue's
-    bound."""
+    """TensorFlow's allocator (oneDNN's CPU allocator keeps statistics,
+    so oneDNN is on whatever the CPU's default): the peak of a compiled
+    forward + backward pass above the memory in use before it, less the
+    gradients it returns, against the plan's activations for that batch.
+    Fresh process: clean statistics, one device. Measured 1-11% apart
+    (docs/memory.md); 25% is the issue's bound. The bfloat16 case counts
+    only where oneDNN runs bfloat16: elsewhere (AVX2 CPUs) the conv
+    gradients accumulate in float32 buffers of their own (models/conv.py),
+    which a bfloat16 plan for TPUs does not hold (measured 33% above it on
+    a Zen 3)."""
+    bf16_on_onednn = hardware.tensorflow_bf16_on_onednn(
+        environ={"TF_ENABLE_ONEDNN_OPTS": "1"}
+    )
+    cases = [
+        case
+        for case in MEASURED
+        if bf16_on_onednn or case["precision"] != "mixed_bfloat16"
+    ]
     finished = subprocess.run(
-        [sys.executable, "-c", _MEASURE, json.dumps(MEASURED)],
+        [sys.executable, "-c", _MEASURE, json.dumps(cases)],
         env={
             **os.environ,
             "PYTHONPATH": REPOSITORY,
             "TF_CPP_MIN_LOG_LEVEL": "3",
+            "TF_ENABLE_ONEDNN_OPTS": "1",
         },
         capture_output=True,
         text=True,
@@ -401,7 +415,7 @@ def test_activation_figure_is_within_25_percent_of_tensorflows_peak():
         check=True,
     )
     measured = json.loads(finished.stdout.strip().splitlines()[-1])
-    for case, tensorflow_bytes in zip(MEASURED, measured, strict=True):
+    for case, tensorflow_bytes in zip(cases, measured, strict=True):
         case = dict(case)
         precision, batch = case.pop("precision"), case.pop("batch")
         facts = network.network_facts(**case, num_proj_layers=2)
