@@ -25,7 +25,9 @@ from conftest import xla_flags_caching_in
 
 # Two TensorFlow processes a run, ~1 min of both cores in all: .ci/run's
 # slow stage runs them, beside the recipe chains.
-pytestmark = pytest.mark.slow
+# One xdist group: the module-scoped `two_workers` fixture runs once when
+# .ci/run spreads the slow tests test by test (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("two_workers")]
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
