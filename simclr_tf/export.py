@@ -363,9 +363,9 @@ def _make_archive(
         FLOAT_ENDPOINT, serve_float, input_signature=spec(tf.float32)
     )
 
-    # The uint8 endpoint calls the float one: the model is traced for one
-    # of them only (it was traced twice per endpoint), and both compute the
-    # same graph on x / 255.
+    # The uint8 endpoint calls the float one: the model's inference graph
+    # is traced for the float endpoint only, and serving_uint8(x) is that
+    # graph on x / 255.
     def serve_uint8(images: tf.Tensor) -> dict:
         return float_function(tf.cast(images, tf.float32) / 255.0)
 
