@@ -346,6 +346,12 @@ def _serving_outputs(
     }
 
 
+def _images_spec(channels: int, dtype: tf.DType) -> tf.TensorSpec:
+    """The exported functions' argument: images [B, H, W, channels], any
+    batch and side."""
+    return tf.TensorSpec([None, None, None, channels], dtype, "images")
+
+
 def _make_archive(
     model: keras.Model, channels: int
 ) -> keras.export.ExportArchive:
@@ -356,11 +362,10 @@ def _make_archive(
     def serve_float(images: tf.Tensor) -> dict:
         return _serving_outputs(model, images)
 
-    def spec(dtype: tf.DType) -> list[tf.TensorSpec]:
-        return [tf.TensorSpec([None, None, None, channels], dtype, "images")]
-
     float_function = archive.add_endpoint(
-        FLOAT_ENDPOINT, serve_float, input_signature=spec(tf.float32)
+        FLOAT_ENDPOINT,
+        serve_float,
+        input_signature=[_images_spec(channels, tf.float32)],
     )
 
     # The uint8 endpoint calls the float one: the model's inference graph
@@ -370,7 +375,9 @@ def _make_archive(
         return float_function(tf.cast(images, tf.float32) / 255.0)
 
     archive.add_endpoint(
-        UINT8_ENDPOINT, serve_uint8, input_signature=spec(tf.uint8)
+        UINT8_ENDPOINT,
+        serve_uint8,
+        input_signature=[_images_spec(channels, tf.uint8)],
     )
     _add_trainable_function(archive, model, channels)
     return archive
@@ -390,9 +397,10 @@ def _add_trainable_function(
     def trainable_call(images: tf.Tensor) -> dict:
         return _serving_outputs(model, images, training=True)
 
-    spec = tf.TensorSpec([None, None, None, channels], tf.float32, "images")
     function = tf.function(
-        trainable_call, input_signature=[spec], autograph=False
+        trainable_call,
+        input_signature=[_images_spec(channels, tf.float32)],
+        autograph=False,
     )
     # Keras 3.15 saves `archive._tf_trackable` as the SavedModel root.
     setattr(archive._tf_trackable, TRAINABLE_ENDPOINT, function)
