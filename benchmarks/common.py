@@ -9,6 +9,7 @@ directory; each puts `benchmarks/` and the repository root on sys.path).
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -21,6 +22,27 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _use_simclr_tfs_cpu_kernels() -> None:
+    """Benchmarks time simclr_tf as it runs: with the TensorFlow CPU
+    kernels that importing simclr_tf picks (hardware.onednn_switch: oneDNN
+    on AVX2 CPUs where TensorFlow would run Eigen). Set here, before any
+    process of the benchmark loads TensorFlow, so that every worker
+    inherits it and `cpu_isa` records it; hardware.py is read on its own
+    (importing the package would load TensorFlow)."""
+    path = os.path.join(
+        os.path.dirname(BENCHMARKS_DIR), "simclr_tf", "hardware.py"
+    )
+    spec = importlib.util.spec_from_file_location("_simclr_tf_hardware", path)
+    hardware = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = hardware  # its dataclasses look it up
+    spec.loader.exec_module(hardware)
+    if switch := hardware.onednn_switch():
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = switch
+
+
+_use_simclr_tfs_cpu_kernels()
 
 # The models every benchmark times: simclr_tf flags as in the recipes
 # that use them, plus the input channels.
@@ -293,8 +315,9 @@ def cpu_isa() -> dict[str, object]:
     Returns:
       {"flags": sorted avx/fma/amx flags of /proc/cpuinfo, e.g. ["avx2",
       "avx512f", "fma"], "onednn_max_cpu_isa": $ONEDNN_MAX_CPU_ISA or
-      None (no cap), "tf_enable_onednn_opts": $TF_ENABLE_ONEDNN_OPTS or
-      None (TensorFlow's default, on for x86)}.
+      None (no cap), "tf_enable_onednn_opts": $TF_ENABLE_ONEDNN_OPTS
+      (as the user set it or, unset, as simclr_tf sets it) or None
+      (TensorFlow's default: on with VNNI, BF16 or AMX)}.
     """
     flags: set[str] = set()
     try:

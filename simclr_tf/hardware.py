@@ -4,7 +4,9 @@ Reads only files (/dev, /sys, /proc under a root directory), environment
 variables and TensorFlow's device list, all passed in, so that tests can fake
 a TPU v5e VM, a GPU machine without CUDA and so on. runtime.py turns the
 result into a strategy and a precision; nothing here touches the network
-(the GCE metadata server is not asked).
+(the GCE metadata server is not asked). Importing it does not load
+TensorFlow: simclr_tf/__init__.py asks `onednn_switch` which CPU kernels
+TensorFlow should run before it loads.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
-
-import tensorflow as tf
 
 GOOGLE_PCI_VENDOR = "0x1ae0"
 # PCI device ids of Google's TPU chips (v2 and v3 share one and differ in
@@ -316,6 +316,32 @@ def tensorflow_bf16_on_onednn(
     )
 
 
+def onednn_switch(
+    root: str = "/", environ: Mapping[str, str] | None = None
+) -> str:
+    """The TF_ENABLE_ONEDNN_OPTS value simclr_tf sets before TensorFlow
+    loads (simclr_tf/__init__.py), "" for none.
+
+    "1" on an x86 CPU with AVX2 and FMA where TensorFlow would leave oneDNN
+    off (none of ONEDNN_DEFAULT_CPU_FLAGS: AMD Zen 2 and Zen 3, Skylake,
+    AVX2 laptops), when no TPU or NVIDIA GPU is present: there TensorFlow
+    runs every op with Eigen, whose convolutions and their gradients ran
+    at about half oneDNN's AVX2 rate (benchmarks/RESULTS.md, "oneDNN on
+    AVX2 CPUs without VNNI"). "" where the variable is set (the user's
+    choice stands), where oneDNN is on by default, on other CPUs, and on
+    accelerator hosts, whose CPU kernels stay TensorFlow's default.
+    """
+    environ = os.environ if environ is None else environ
+    if "TF_ENABLE_ONEDNN_OPTS" in environ:
+        return ""
+    flags = _cpu_flags(root)
+    if not {"avx2", "fma"} <= flags or _onednn_enabled(flags, environ):
+        return ""
+    if detect_tpu(root, environ) or detect_nvidia_driver(root, environ):
+        return ""
+    return "1"
+
+
 def _onednn_enabled(flags: set[str], environ: Mapping[str, str] | None) -> bool:
     environ = os.environ if environ is None else environ
     switch = environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower()
@@ -337,6 +363,8 @@ def _cpu_flags(root: str) -> set[str]:
 
 def visible_gpus() -> tuple[GPU, ...]:
     """The GPUs TensorFlow can use, with their compute capability."""
+    import tensorflow as tf  # this module is read before TensorFlow loads
+
     found = []
     for device in tf.config.list_physical_devices("GPU"):
         try:

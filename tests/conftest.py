@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import json
 import logging
 import os
@@ -81,6 +82,10 @@ def pytest_unconfigure(config):
     with contextlib.suppress(OSError):  # another worker's is still there
         os.rmdir(os.path.dirname(_XLA_CACHE))
 
+
+# simclr_tf before TensorFlow: it picks TensorFlow's CPU kernels as in a
+# user's process (hardware.onednn_switch: oneDNN on AVX2 CPUs without VNNI).
+importlib.import_module("simclr_tf")
 
 import file_seconds  # noqa: E402
 import keras  # noqa: E402

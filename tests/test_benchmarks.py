@@ -251,6 +251,37 @@ def test_input_pipeline_unknown_choice_lists_the_valid_ones(flag, valid):
     assert f"use some of {','.join(valid)}" in message
 
 
+@pytest.mark.parametrize("given", [None, "0"])
+def test_benchmarks_time_simclr_tfs_cpu_kernels(given):
+    """common.py sets TF_ENABLE_ONEDNN_OPTS as importing simclr_tf does
+    (hardware.onednn_switch: "1" on AVX2 CPUs where TensorFlow would run
+    Eigen), without loading TensorFlow, so that every worker it starts and
+    the JSON's cpu_isa agree; a value the user set stands."""
+    from simclr_tf import hardware
+
+    environ = {
+        k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"
+    }
+    expected = given or hardware.onednn_switch(environ=environ) or "None"
+    if given is not None:
+        environ["TF_ENABLE_ONEDNN_OPTS"] = given
+    script = (
+        "import os, sys\n"
+        "import common\n"
+        "print(common.cpu_isa()['tf_enable_onednn_opts'],"
+        " 'tensorflow' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**environ, "PYTHONPATH": BENCHMARKS},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [expected, "False"]
+
+
 def test_write_image_folder_is_photo_like_and_reused(tmp_path):
     import tensorflow as tf
 

@@ -252,6 +252,76 @@ def test_tensorflow_onednn_enabled_agrees_with_tensorflow(switch):
     assert ours == theirs
 
 
+@pytest.mark.parametrize(
+    ("flags", "files", "environ", "switch"),
+    [
+        # AVX2 and FMA, TensorFlow's default off: oneDNN turned on.
+        (ZEN3, (), {}, "1"),
+        (SKYLAKE_SP, (), {}, "1"),
+        # oneDNN on by default already.
+        (CASCADE_LAKE, (), {}, ""),
+        (ZEN4, (), {}, ""),
+        (SAPPHIRE_RAPIDS, (), {}, ""),
+        (ALDER_LAKE, (), {}, ""),
+        # No AVX2 or no FMA (Sandy Bridge, an emulator): left alone.
+        ("fpu sse2 avx", (), {}, ""),
+        ("fpu sse2 avx avx2", (), {}, ""),
+        # The user's setting stands, whatever it says.
+        (ZEN3, (), {"TF_ENABLE_ONEDNN_OPTS": "0"}, ""),
+        (ZEN3, (), {"TF_ENABLE_ONEDNN_OPTS": ""}, ""),
+        (ZEN3, (), {"TF_ENABLE_ONEDNN_OPTS": "1"}, ""),
+        # Accelerator hosts keep TensorFlow's default CPU kernels.
+        (ZEN3, ("dev/nvidia0",), {}, ""),
+        (ZEN3, ("dev/accel0",), {}, ""),
+        (ZEN3, (), {"TPU_NAME": "my-tpu"}, ""),
+    ],
+)
+def test_onednn_switch(tmp_path, flags, files, environ, switch):
+    root = _cpuinfo(tmp_path, flags)
+    _machine(tmp_path, files)
+    environ = {"PATH": "/nonexistent", **environ}
+    assert hardware.onednn_switch(root, environ) == switch
+
+
+@pytest.mark.parametrize("tensorflow_first", [False, True])
+def test_importing_simclr_tf_turns_onednn_on_where_the_switch_says(
+    tensorflow_first,
+):
+    """In a process started without TF_ENABLE_ONEDNN_OPTS: TensorFlow's own
+    IsMklEnabled is its default or, when simclr_tf was imported first and
+    onednn_switch says "1" for this machine, on. TensorFlow imported first
+    keeps its default, and the variable is then left unset."""
+    environ = {
+        k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"
+    }
+    environ["PYTHONPATH"] = REPOSITORY
+    first = "import tensorflow\n" if tensorflow_first else ""
+    script = (
+        f"{first}import os\n"
+        "from simclr_tf import hardware\n"
+        "environ = dict(os.environ)\n"
+        "value = environ.pop('TF_ENABLE_ONEDNN_OPTS', None)\n"
+        "from tensorflow.python.util import _pywrap_util_port as port\n"
+        "print(port.IsMklEnabled(), value,\n"
+        "      hardware.tensorflow_onednn_enabled(environ=environ),\n"
+        "      hardware.onednn_switch(environ=environ) or None)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    enabled, value, default, switch = done.stdout.split()[-4:]
+    if tensorflow_first:
+        assert value == "None" and enabled == default
+    else:
+        assert value == switch
+        assert enabled == str(default == "True" or switch == "1")
+
+
 def test_cpu_bf16_flags_without_cpuinfo(tmp_path):
     assert hardware.cpu_bf16_flags(str(tmp_path)) == ()
 
