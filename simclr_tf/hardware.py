@@ -342,6 +342,22 @@ def onednn_switch(
     return "1"
 
 
+def tensorflow_float32_on_onednn_avx2(
+    root: str = "/", environ: Mapping[str, str] | None = None
+) -> bool:
+    """Whether TensorFlow runs float32 ops with oneDNN's AVX2 kernels:
+    oneDNN on, and no AVX-512 or ONEDNN_MAX_CPU_ISA holding it to AVX2 or
+    below (AVX-VNNI laptops by default; Zen 2/3 with oneDNN turned on)."""
+    environ = os.environ if environ is None else environ
+    flags = _cpu_flags(root)
+    if not _onednn_enabled(flags, environ):
+        return False
+    limit = onednn_limit(environ)
+    return "avx512f" not in flags or (
+        bool(limit) and not limit.startswith("AVX512")
+    )
+
+
 def _onednn_enabled(flags: set[str], environ: Mapping[str, str] | None) -> bool:
     environ = os.environ if environ is None else environ
     switch = environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower()

@@ -51,10 +51,18 @@ def _gradients(function, x, kernel, dy):
 
 
 def _reference(shape, x, kernel, dy):
-    """TensorFlow's own conv2d, its output and autodiff gradients."""
-    return _gradients(
-        lambda x, k: tf.nn.conv2d(x, k, shape[3], shape[4]), x, kernel, dy
-    )
+    """TensorFlow's own conv2d, its output and autodiff gradients. float32
+    goes through float64 and back: Eigen's kernels, which oneDNN never
+    replaces (its AVX2 filter gradient of 1x1 stride-2 convs with few input
+    channels was wrong on a Zen 3, benchmarks/RESULTS.md)."""
+
+    def conv2d(x, k):
+        return tf.nn.conv2d(x, k, shape[3], shape[4])
+
+    if x.dtype != tf.float32:
+        return _gradients(conv2d, x, kernel, dy)
+    wide = [tf.cast(t, tf.float64) for t in (x, kernel, dy)]
+    return [tf.cast(t, tf.float32) for t in _gradients(conv2d, *wide)]
 
 
 def _custom(shape, methods=None):
@@ -309,6 +317,25 @@ def test_half_precision_gradients_are_never_tensorflows_kernels(
         assert theirs == "tensorflow" or ours == theirs
     bfloat16 = conv.methods_for(kernel_size, stride, tf.bfloat16)
     assert bfloat16 == (float32 if bf16_on_onednn else float16)
+
+
+@pytest.mark.parametrize("avx2", [True, False])
+def test_strided_1x1_with_few_channels_avoids_onednns_avx2_filter_gradient(
+    avx2, monkeypatch
+):
+    """oneDNN's AVX2 filter gradient was wrong for strided 1x1 convs with
+    1-5 input channels: there those get "patches", elsewhere the float32
+    choice stands."""
+    monkeypatch.setattr(conv, "_float32_on_onednn_avx2", lambda: avx2)
+    tensorflow = conv.methods_for(1, 2)
+    assert tensorflow[1] == "tensorflow"
+    for channels in (1, 3, conv.ONEDNN_AVX2_FILTER_MIN_CHANNELS - 1):
+        expected = (tensorflow[0], "patches") if avx2 else tensorflow
+        assert conv.methods_for(1, 2, tf.float32, channels) == expected
+    minimum = conv.ONEDNN_AVX2_FILTER_MIN_CHANNELS
+    assert conv.methods_for(1, 2, tf.float32, minimum) == tensorflow
+    assert conv.methods_for(3, 2, tf.float32, 3) == conv.methods_for(3, 2)
+    assert conv.methods_for(1, 1, tf.float32, 3) == conv.methods_for(1, 1)
 
 
 def test_mixed_float16_layer_traces_no_backprop_kernel_on_cpu():

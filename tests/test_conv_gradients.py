@@ -43,19 +43,25 @@ RELATIVE_TOLERANCE = 1e-5
 
 
 def _autodiff(shape, seed=0):
-    """x, kernel, dy and TensorFlow's (dx, dw) for one SHAPES entry."""
+    """x, kernel, dy (float32) and TensorFlow's (dx, dw) for one SHAPES
+    entry, computed in float64: Eigen's kernels, which oneDNN never
+    replaces (its AVX2 filter gradient of 1x1 stride-2 convs with few input
+    channels was wrong on a Zen 3, benchmarks/RESULTS.md)."""
     height, width, kernel_size, stride, padding = shape
     rng = np.random.default_rng(seed)
-    x = tf.constant(rng.normal(size=(BATCH, height, width, IN_CHANNELS)))
-    x = tf.cast(x, tf.float32)
+    x_shape = (BATCH, height, width, IN_CHANNELS)
+    x = tf.cast(rng.normal(size=x_shape), tf.float32)
     kernel_shape = (kernel_size, kernel_size, IN_CHANNELS, OUT_CHANNELS)
     kernel = tf.cast(rng.normal(size=kernel_shape), tf.float32)
+    wide_x, wide_kernel = tf.cast(x, tf.float64), tf.cast(kernel, tf.float64)
     with tf.GradientTape() as tape:
-        tape.watch([x, kernel])
-        y = tf.nn.conv2d(x, kernel, stride, padding)
+        tape.watch([wide_x, wide_kernel])
+        y = tf.nn.conv2d(wide_x, wide_kernel, stride, padding)
     dy = tf.cast(rng.normal(size=y.shape), tf.float32)
-    dx, dw = tape.gradient(y, [x, kernel], output_gradients=dy)
-    return x, kernel, dy, dx, dw
+    dx, dw = tape.gradient(
+        y, [wide_x, wide_kernel], output_gradients=tf.cast(dy, tf.float64)
+    )
+    return x, kernel, dy, tf.cast(dx, tf.float32), tf.cast(dw, tf.float32)
 
 
 def _axes(shape):

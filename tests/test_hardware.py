@@ -322,6 +322,24 @@ def test_importing_simclr_tf_turns_onednn_on_where_the_switch_says(
         assert enabled == str(default == "True" or switch == "1")
 
 
+@pytest.mark.parametrize(
+    ("flags", "environ", "avx2"),
+    [
+        (ZEN3, {}, False),  # oneDNN off: Eigen
+        (ZEN3, {"TF_ENABLE_ONEDNN_OPTS": "1"}, True),
+        (ALDER_LAKE, {}, True),  # AVX-VNNI: oneDNN on, no AVX-512
+        (ZEN4, {}, False),
+        (ZEN4, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, True),
+        (ZEN4, {"ONEDNN_MAX_CPU_ISA": "avx2_vnni"}, True),
+        (SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, False),
+        (ALDER_LAKE, {"TF_ENABLE_ONEDNN_OPTS": "0"}, False),
+    ],
+)
+def test_tensorflow_float32_on_onednn_avx2(tmp_path, flags, environ, avx2):
+    root = _cpuinfo(tmp_path, flags)
+    assert hardware.tensorflow_float32_on_onednn_avx2(root, environ) is avx2
+
+
 def test_cpu_bf16_flags_without_cpuinfo(tmp_path):
     assert hardware.cpu_bf16_flags(str(tmp_path)) == ()
 

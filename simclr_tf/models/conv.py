@@ -70,6 +70,13 @@ _TENSORFLOW_METHODS = ("tensorflow", "tensorflow")
 # img/s (benchmarks/RESULTS.md, "float16 on CPUs", "CPUs where TensorFlow
 # runs Eigen, not oneDNN"; tests/test_conv.py).
 HALF_FILTER_METHODS = {1: "patches"}
+# oneDNN's AVX2 Conv2DBackpropFilter of 1x1 stride-2 convs with 1-5 input
+# channels on even sides was wrong, by 5-138% of the largest entry and not
+# repeatably, on a Zen 3 with oneDNN turned on (8 or more channels were
+# right; benchmarks/RESULTS.md, "A real Zen 3"). Where oneDNN runs float32
+# with AVX2 kernels, the filter gradient of a strided 1x1 conv with fewer
+# input channels than this is one matmul ("patches"): such convs are tiny.
+ONEDNN_AVX2_FILTER_MIN_CHANNELS = 8
 HALF_DEFAULT_FILTER_METHOD = "swapped"
 HALF_INPUT_METHOD = "phases"
 PADDINGS = ("SAME", "VALID")
@@ -113,7 +120,10 @@ def _scope_device() -> str:
 
 
 def methods_for(
-    kernel_size: int, stride: int, dtype: tf.DType = tf.float32
+    kernel_size: int,
+    stride: int,
+    dtype: tf.DType = tf.float32,
+    in_channels: int | None = None,
 ) -> tuple[str, str]:
     """(input, filter) gradient methods for a square conv (see METHODS).
 
@@ -123,6 +133,9 @@ def methods_for(
       dtype: the conv's compute dtype; in float16, and in bfloat16 where
         TensorFlow runs it on Eigen, neither gradient is TensorFlow's
         kernel (HALF_INPUT_METHOD, HALF_FILTER_METHODS).
+      in_channels: the conv's input channels, if known: a strided 1x1 conv
+        with fewer than ONEDNN_AVX2_FILTER_MIN_CHANNELS gets "patches" for
+        its filter gradient where oneDNN runs float32 with AVX2 kernels.
 
     Returns:
       (input method, filter method), names from conv_gradients.
@@ -130,6 +143,15 @@ def methods_for(
     methods = METHODS.get(
         (kernel_size, stride), DEFAULT_METHODS.get(stride, _TENSORFLOW_METHODS)
     )
+    if (
+        methods[1] == "tensorflow"
+        and kernel_size == 1
+        and stride > 1
+        and in_channels is not None
+        and in_channels < ONEDNN_AVX2_FILTER_MIN_CHANNELS
+        and _float32_on_onednn_avx2()
+    ):
+        methods = (methods[0], HALF_FILTER_METHODS[1])
     if not _half(tf.as_dtype(dtype)):
         return methods
     input_method, filter_method = methods
@@ -152,6 +174,11 @@ def _half(dtype: tf.DType) -> bool:
 @functools.cache
 def _bf16_on_onednn() -> bool:
     return hardware.tensorflow_bf16_on_onednn()
+
+
+@functools.cache
+def _float32_on_onednn_avx2() -> bool:
+    return hardware.tensorflow_float32_on_onednn_avx2()
 
 
 def conv2d(
@@ -212,7 +239,7 @@ def conv2d(
     if methods is None:
         square = kh == kw and stride_h == stride_w
         methods = (
-            methods_for(kh, stride_h, inputs.dtype)
+            methods_for(kh, stride_h, inputs.dtype, inputs.shape[-1])
             if square
             else _TENSORFLOW_METHODS
         )
