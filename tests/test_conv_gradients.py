@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.models import conv_gradients
+from simclr_tf.models import conv, conv_gradients
 
 # (H, W, kernel, stride, padding): every conv shape of the ResNets (the
 # strided ones run VALID on an input padded by (k - 1) // 2 before and the
@@ -107,6 +107,15 @@ def test_input_gradient_equals_autodiff(shape, method):
 @pytest.mark.parametrize("method", conv_gradients.FILTER_METHODS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_filter_gradient_equals_autodiff(shape, method):
+    _, _, kernel_size, stride, _ = shape
+    if (
+        method == "tensorflow"
+        and kernel_size == 1
+        and stride > 1
+        and IN_CHANNELS < conv.ONEDNN_AVX2_FILTER_MIN_CHANNELS
+        and conv._float32_on_onednn_avx2()
+    ):
+        pytest.skip("oneDNN's AVX2 filter gradient is wrong here (conv.py)")
     x, kernel, dy, _, dw = _autodiff(shape)
     rows, cols = _axes(shape)
     actual = conv_gradients.filter_gradient(
