@@ -354,6 +354,51 @@ def test_strided_1x1_with_few_channels_avoids_onednns_avx2_filter_gradient(
     assert conv.methods_for(1, 1, tf.float32, 3) == conv.methods_for(1, 1)
 
 
+def _avoided(kernel_size, stride, in_channels):
+    """Whether `conv2d` keeps this float32 conv's filter gradient off
+    TensorFlow's kernel on this machine (methods_for)."""
+    methods = conv.methods_for(kernel_size, stride, tf.float32, in_channels)
+    return methods[1] != "tensorflow"
+
+
+def test_tensorflows_filter_gradient_is_wrong_only_where_conv2d_avoids_it():
+    """TensorFlow's raw float32 Conv2DBackpropFilter against its float64
+    one (Eigen: oneDNN has no float64 kernels) over kernels 1, 3 and 7,
+    strides 1 and 2, both paddings, even and odd sides and 1-16 input
+    channels: every case off by more than float32 rounding is one that
+    `conv.methods_for` sends elsewhere here. On a CPU where oneDNN runs
+    float32 with AVX2 kernels that is the strided 1x1 convs with few input
+    channels (a Zen 3: 110 of 1512 such cases wrong, all of them there);
+    elsewhere no case may be wrong."""
+    rng = np.random.default_rng(0)
+    wrong = []
+    cases = itertools.product(
+        (7, 8, 14, 28), (1, 3, 7), (1, 2), conv.PADDINGS, (1, 2, 3, 5, 7, 8, 16)
+    )
+    for side, kernel_size, stride, padding, in_channels in cases:
+        x = rng.normal(size=(2, side, side, in_channels)).astype(np.float32)
+        sizes = (kernel_size, kernel_size, in_channels, 8)
+        out = conv_gradients.axis(side, kernel_size, stride, padding).output
+        dy = rng.normal(size=(2, out, out, 8)).astype(np.float32)
+
+        def filter_gradient(x, dy, sizes=sizes, stride=stride, padding=padding):
+            return tf.raw_ops.Conv2DBackpropFilter(
+                input=x,
+                filter_sizes=sizes,
+                out_backprop=dy,
+                strides=[1, stride, stride, 1],
+                padding=padding,
+            ).numpy()
+
+        got = filter_gradient(x, dy)
+        want = filter_gradient(x.astype(np.float64), dy.astype(np.float64))
+        if np.abs(got - want).max() > RELATIVE_TOLERANCE * np.abs(want).max():
+            wrong.append((side, kernel_size, stride, padding, in_channels))
+    assert [
+        case for case in wrong if not _avoided(case[1], case[2], case[4])
+    ] == []
+
+
 def test_mixed_float16_layer_traces_no_backprop_kernel_on_cpu():
     # conftest restores float32. On a CPU the filter gradient is a forward
     # conv or a matmul too; a GPU or XLA keeps its own kernels.
