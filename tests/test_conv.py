@@ -65,19 +65,6 @@ def _reference(shape, x, kernel, dy):
     return [tf.cast(t, tf.float32) for t in _gradients(conv2d, *wide)]
 
 
-def _onednn_avx2_wrong(shape, in_channels=3) -> bool:
-    """Whether TensorFlow's float32 filter gradient of this conv is
-    oneDNN's AVX2 kernel for a strided 1x1 conv with few input channels,
-    which was wrong on a Zen 3 (conv.ONEDNN_AVX2_FILTER_MIN_CHANNELS)."""
-    _, _, kernel_size, stride, _ = shape
-    return (
-        kernel_size == 1
-        and stride > 1
-        and in_channels < conv.ONEDNN_AVX2_FILTER_MIN_CHANNELS
-        and conv._float32_on_onednn_avx2()
-    )
-
-
 def _custom(shape, methods=None):
     return lambda x, k: conv.conv2d(
         x, k, shape[3], shape[4], gradient="custom", methods=methods
@@ -107,8 +94,12 @@ def test_conv2d_output_and_gradients_equal_autodiff(shape):
     )
     forward = tf.nn.conv2d(x, kernel, shape[3], shape[4])
     for methods in [None, *pairs]:
-        if methods and methods[1] == "tensorflow" and _onednn_avx2_wrong(shape):
-            continue  # TensorFlow's kernel is wrong here (_onednn_avx2_wrong)
+        if (
+            methods
+            and methods[1] == "tensorflow"
+            and conv.tensorflow_filter_gradient_is_wrong(shape[2], shape[3], 3)
+        ):
+            continue  # TensorFlow's kernel is wrong here (conv.py)
         actual = _gradients(_custom(shape, methods), x, kernel, dy)
         np.testing.assert_array_equal(actual[0], forward)
         for got, want in zip(actual[1:], expected[1:], strict=True):

@@ -143,13 +143,8 @@ def methods_for(
     methods = METHODS.get(
         (kernel_size, stride), DEFAULT_METHODS.get(stride, _TENSORFLOW_METHODS)
     )
-    if (
-        methods[1] == "tensorflow"
-        and kernel_size == 1
-        and stride > 1
-        and in_channels is not None
-        and in_channels < ONEDNN_AVX2_FILTER_MIN_CHANNELS
-        and _float32_on_onednn_avx2()
+    if methods[1] == "tensorflow" and tensorflow_filter_gradient_is_wrong(
+        kernel_size, stride, in_channels
     ):
         methods = (methods[0], HALF_FILTER_METHODS[1])
     if not _half(tf.as_dtype(dtype)):
@@ -162,6 +157,22 @@ def methods_for(
             kernel_size, HALF_DEFAULT_FILTER_METHOD
         )
     return input_method, filter_method
+
+
+def tensorflow_filter_gradient_is_wrong(
+    kernel_size: int, stride: int, in_channels: int | None
+) -> bool:
+    """Whether TensorFlow's float32 Conv2DBackpropFilter of this square
+    conv is oneDNN's AVX2 kernel where it was measured wrong: a strided 1x1
+    conv with fewer than ONEDNN_AVX2_FILTER_MIN_CHANNELS input channels,
+    where oneDNN runs float32 with AVX2 kernels. Unknown channels: False."""
+    return (
+        kernel_size == 1
+        and stride > 1
+        and in_channels is not None
+        and in_channels < ONEDNN_AVX2_FILTER_MIN_CHANNELS
+        and _float32_on_onednn_avx2()
+    )
 
 
 def _half(dtype: tf.DType) -> bool:
