@@ -229,17 +229,23 @@ def test_tensorflow_onednn_enabled_agrees_with_tensorflow(switch):
     """Against TensorFlow's own IsMklEnabled on this machine, in a process
     started with TF_ENABLE_ONEDNN_OPTS unset and 0 (TensorFlow reads the
     variable once)."""
-    environ = {
-        k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"
-    }
-    environ["PYTHONPATH"] = REPOSITORY
-    if switch is not None:
-        environ["TF_ENABLE_ONEDNN_OPTS"] = switch
     script = (
         "from tensorflow.python.util import _pywrap_util_port as port\n"
         "from simclr_tf import hardware\n"
         "print(port.IsMklEnabled(), hardware.tensorflow_onednn_enabled())\n"
     )
+    extra = {} if switch is None else {"TF_ENABLE_ONEDNN_OPTS": switch}
+    theirs, ours = _printed_by_fresh_process(script, extra)[-2:]
+    assert ours == theirs
+
+
+def _printed_by_fresh_process(script, extra=None):
+    """The words `script` prints in a Python process started without
+    TF_ENABLE_ONEDNN_OPTS (plus `extra`), simclr_tf on its path."""
+    environ = {
+        k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"
+    }
+    environ.update(PYTHONPATH=REPOSITORY, **(extra or {}))
     done = subprocess.run(
         [sys.executable, "-c", script],
         env=environ,
@@ -248,8 +254,7 @@ def test_tensorflow_onednn_enabled_agrees_with_tensorflow(switch):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    theirs, ours = done.stdout.split()[-2:]
-    assert ours == theirs
+    return done.stdout.split()
 
 
 @pytest.mark.parametrize(
@@ -291,10 +296,6 @@ def test_importing_simclr_tf_turns_onednn_on_where_the_switch_says(
     IsMklEnabled is its default or, when simclr_tf was imported first and
     onednn_switch says "1" for this machine, on. TensorFlow imported first
     keeps its default, and the variable is then left unset."""
-    environ = {
-        k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"
-    }
-    environ["PYTHONPATH"] = REPOSITORY
     first = "import tensorflow\n" if tensorflow_first else ""
     script = (
         f"{first}import os\n"
@@ -306,15 +307,7 @@ def test_importing_simclr_tf_turns_onednn_on_where_the_switch_says(
         "      hardware.tensorflow_onednn_enabled(environ=environ),\n"
         "      hardware.onednn_switch(environ=environ) or None)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    enabled, value, default, switch = done.stdout.split()[-4:]
+    enabled, value, default, switch = _printed_by_fresh_process(script)[-4:]
     if tensorflow_first:
         assert value == "None" and enabled == default
     else:
